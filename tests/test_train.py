@@ -1,0 +1,236 @@
+"""train.py on CPU with tiny models: every data path, resume, atomic checkpoints, Ctrl-C,
+NaN handling, DDP with gloo, and a loss that clearly drops on real Fashion-MNIST.
+
+This file is also the torchrun worker of test_ddp_gloo_ranks_stay_identical (see the end)."""
+
+import gzip
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import smd  # noqa: E402
+import train  # noqa: E402
+from conftest import TINY, write_cifar10  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FASHION = "/usr/share/datasets/fashion-mnist"
+HAS_FASHION = os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+def run(out, *argv):
+    return train.main(["--out-dir", str(out), *TINY, *argv])
+
+
+def write_idx(path, array):
+    """An IDX file as MNIST ships it: 0, 0, type 0x08 (uint8), ndim, big-endian sizes, data."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any torchvision dataset call (the only way train.py downloads) fails, as offline."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("network access attempted")
+    for name in ("CIFAR10", "MNIST", "FashionMNIST"):
+        monkeypatch.setattr(torchvision.datasets, name, refuse)
+
+
+def test_cifar10_files(tmp_path, offline):
+    images = write_cifar10(tmp_path / "data", n_per_batch=8)
+    x = train.load_images("cifar10", str(tmp_path / "data"))
+    assert x.shape == (40, 3, 32, 32) and x.dtype == np.uint8 and np.array_equal(x, images)
+    r = run(tmp_path / "out", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--max-steps", "2")
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == r["step"] == 2 and ckpt["config"]["channels"] == 3 and ckpt["config"]["flip"]
+    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "rng"}
+
+
+def test_mnist_format_files(tmp_path, offline):
+    digits = np.random.default_rng(0).integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    write_idx(str(tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte"), digits)        # as extracted
+    write_idx(str(tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz"), digits)  # as downloaded
+    for name in ("mnist", "fashion-mnist"):   # data_dir wins over /usr/share/datasets
+        x = train.load_images(name, str(tmp_path / "data"))
+        assert x.shape == (12, 1, 32, 32) and np.array_equal(x[:, 0, 2:30, 2:30], digits)
+        assert x[:, :, :2].max() == x[:, :, 30:].max() == x[:, :, :, :2].max() == 0   # zero padding
+    r = run(tmp_path / "out", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--max-steps", "2")
+    assert r["config"]["channels"] == 1 and r["config"]["flip"] is False   # no flips for digits
+
+
+def test_missing_data_offline_says_where(tmp_path, offline):
+    with pytest.raises(SystemExit, match=r"MNIST/raw.*downloading it failed"):
+        train.load_images("mnist", str(tmp_path))
+    with pytest.raises(SystemExit, match="cifar-10-batches-py"):
+        train.load_images("cifar10", str(tmp_path))
+    with pytest.raises(SystemExit, match="neither cifar10"):
+        run(tmp_path / "out", "--dataset", str(tmp_path / "no-such-folder"))
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for i, (w, h) in enumerate([(40, 30), (20, 50), (33, 33), (64, 48), (30, 40), (50, 50)]):
+        path = tmp_path / "imgs" / ("sub" if i % 2 else "") / f"{i}.{'png' if i % 3 else 'jpg'}"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    ds = train.ImageFolder(str(tmp_path / "imgs"), 16)
+    assert len(ds) == 6 and ds.channels == 3
+    x = ds[(0, False)]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and torch.equal(ds[(0, True)], x.flip(-1))
+    (tmp_path / "gray").mkdir()
+    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(tmp_path / "gray" / "a.png")
+    assert train.ImageFolder(str(tmp_path / "gray"), 8)[(0, False)].shape == (1, 8, 8)
+    r = run(tmp_path / "out", "--dataset", str(tmp_path / "imgs"), "--image-size", "16", "--max-steps", "2",
+            "--workers", "1")
+    assert r["config"]["image_size"] == 16 and r["config"]["channels"] == 3
+
+
+@pytest.mark.skipif(not HAS_FASHION, reason="apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_offline(tmp_path, offline):
+    x = train.load_images("fashion-mnist", str(tmp_path / "empty"))
+    assert x.shape == (60000, 1, 32, 32) and x.dtype == np.uint8
+    assert abs(x[:, :, 2:30, 2:30].mean() - 0.2860 * 255) < 0.5   # Fashion-MNIST's known mean
+
+
+@pytest.mark.skipif(not HAS_FASHION, reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_loss_drops(tmp_path, offline):
+    """120 steps of batch 8 (~40 s on a busy CPU core): the mean loss of the last 30 steps is
+    well under half that of the first 30, and far under 1.0, the loss of the untrained model."""
+    r = run(tmp_path / "out", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "empty"), "--T", "1000",
+            "--ch-mult", "1,1", "--batch-size", "8", "--lr", "2e-3", "--warmup", "10", "--max-steps", "120",
+            "--log-every", "30")
+    losses = [loss for _, loss in r["losses"]]
+    assert len(losses) == 4 and losses[-1] < 0.5 * losses[0] and losses[-1] < 0.15, losses
+
+
+def test_batch_plan_shards_epochs_and_resumes():
+    plan = [train.batch_plan(20, 2, rank, 2, seed=0, step=0) for rank in range(2)]
+    first_epoch = torch.cat([next(p)[0] for _ in range(5) for p in plan])
+    assert sorted(first_epoch.tolist()) == list(range(20))   # ranks share no image, epoch covers all
+    again = train.batch_plan(20, 2, 0, 2, seed=0, step=7)    # a resumed plan = the same batches
+    for _ in range(2):
+        next(plan[0])
+    for _ in range(3):
+        a, b = next(plan[0]), next(again)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_ema_update_and_warmup():
+    ema, p = [torch.zeros(3), torch.ones(2)], [torch.ones(3), torch.full((2,), 3.0)]
+    train.ema_update(ema, p, 0.75)
+    assert torch.allclose(ema[0], torch.full((3,), 0.25)) and torch.allclose(ema[1], torch.full((2,), 1.5))
+    assert train.ema_decay(0) == 0.1 and train.ema_decay(10**6) == 0.9999
+
+
+def test_resume_equals_uninterrupted(tmp_path, capsys):
+    write_cifar10(tmp_path / "data", n_per_batch=2)   # 10 images: 6 steps of 4 cross 3 epochs
+    common = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--smd", "--dropout", "0.1"]
+    a = run(tmp_path / "a", *common, "--max-steps", "6")
+    run(tmp_path / "b", *common, "--max-steps", "3")
+    b = run(tmp_path / "b", *common, "--max-steps", "6", "--resume")
+    assert "RESUMED" in capsys.readouterr().out and b["step"] == 6
+    for key in ("model", "ema"):
+        sa, sb = a[key].state_dict(), b[key].state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), key
+    oa, ob = a["optimizer"].state_dict()["state"], b["optimizer"].state_dict()["state"]
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    assert [l for _, l in a["losses"][3:]] == [l for _, l in b["losses"]]
+
+
+def test_resume_refuses_contradictions(tmp_path, cifar_dir):
+    data = ["--dataset", "cifar10", "--data-dir", cifar_dir]
+    run(tmp_path / "out", *data, "--max-steps", "2")
+    with pytest.raises(SystemExit, match=r"contradicts .*--smd True \(checkpoint: False\)"):
+        run(tmp_path / "out", *data, "--max-steps", "4", "--resume", "--smd")
+    with pytest.raises(SystemExit, match=r"--ch 64 \(checkpoint: 32\)"):
+        run(tmp_path / "out", *data, "--max-steps", "4", "--resume", "--ch", "64")
+    with pytest.raises(SystemExit, match="exists: pass --resume"):
+        run(tmp_path / "out", *data, "--max-steps", "4")
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        run(tmp_path / "elsewhere", *data, "--resume")
+    r = train.main(["--out-dir", str(tmp_path / "out"), "--resume", "--max-steps", "3"])   # the rest from ckpt
+    assert r["step"] == 3 and r["config"]["ch"] == 32 and r["config"]["data_dir"] == cifar_dir
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cifar_dir, monkeypatch):
+    calls, loss = [], smd.Diffusion.loss
+
+    def nan_from_5th_call(self, *args, **kwargs):
+        calls.append(1)
+        return loss(self, *args, **kwargs) * (float("nan") if len(calls) >= 5 else 1.0)
+    monkeypatch.setattr(smd.Diffusion, "loss", nan_from_5th_call)
+    with pytest.raises(SystemExit, match=r"non-finite loss at step 5.*\(step 4\) is the last good one"):
+        run(tmp_path / "out", "--dataset", "cifar10", "--data-dir", cifar_dir, "--max-steps", "8",
+            "--ckpt-every", "2", "--log-every", "100")
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(v.isfinite().all() for v in [*ckpt["model"].values(), *ckpt["ema"].values()])
+
+
+def test_killed_writer_leaves_old_checkpoint(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    child = ("import sys, time, torch, train\n"
+             "def stuck(obj, f):\n"
+             "    f.write(b'half a checkpoint'); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+             "torch.save = stuck\n"
+             f"train.save_checkpoint({{'step': 2}}, {path!r})\n")
+    p = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    assert p.stdout.readline().strip() == "writing"
+    p.kill()   # SIGKILL mid-write
+    p.wait()
+    assert os.path.getsize(path + ".tmp") > 0
+    assert torch.load(path, weights_only=True)["step"] == 1   # the old checkpoint, intact
+    train.save_checkpoint({"step": 3}, path)                   # and the next save replaces it
+    assert torch.load(path, weights_only=True)["step"] == 3
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, cifar_dir):
+    cmd = [sys.executable, "train.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--out-dir",
+           str(tmp_path / "out"), *TINY, "--max-steps", "100000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    for line in p.stdout:
+        if line.startswith("step 2/"):
+            p.send_signal(signal.SIGINT)
+            break
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0 and "saved" in out, out
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert 2 <= ckpt["step"] < 100000
+
+
+def test_ddp_gloo_ranks_stay_identical(tmp_path, cifar_dir):
+    (tmp_path / "dump").mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           "--dump", str(tmp_path / "dump"), "--dataset", "cifar10", "--data-dir", cifar_dir,
+           "--out-dir", str(tmp_path / "out"), *TINY, "--smd", "--max-steps", "3", "--device", "cpu"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("step 3/3") == 1   # only rank 0 logs
+    r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in ("model", "ema"):
+        assert all(torch.equal(r0[key][k], r1[key][k]) for k in r0[key]), key
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2 and all(torch.equal(ckpt["model"][k], r0["model"][k])
+                                                               for k in r0["model"])
+
+
+if __name__ == "__main__":   # torchrun worker: train, then dump this rank's weights
+    i = sys.argv.index("--dump")
+    result = train.main(sys.argv[1:i] + sys.argv[i + 2:])
+    torch.save({"model": result["model"].state_dict(), "ema": result["ema"].state_dict()},
+               os.path.join(sys.argv[i + 1], f"rank{os.environ['RANK']}.pt"))
