@@ -45,7 +45,7 @@ def load_checkpoint(path, device="cpu", ema=True):
         model.load_state_dict(ckpt[key])
     except RuntimeError as e:
         raise ValueError(f"{path}: the '{key}' weights do not fit the U-Net its config describes "
-                         f"(a checkpoint of another model?): {str(e).splitlines()[1].strip()}") from None
+                         f"(a checkpoint of another model?): {' '.join(str(e).split()[6:])[:200]}...") from None
     return model.to(device).eval(), diffusion.to(device), {**config, "step": ckpt.get("step")}
 
 

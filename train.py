@@ -36,8 +36,7 @@ import smd
 import unet
 
 MODEL_KEYS = ("image_size", "channels", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout", "smd", "latent_dim")
-FIXED_ON_RESUME = ("dataset", "image_size", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout", "smd",
-                   "latent_dim", "T", "schedule")
+FIXED_ON_RESUME = ("dataset", "T", "schedule", *MODEL_KEYS)   # what --resume may not change
 SYSTEM_DIRS = {"fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}   # Debian's dataset-fashion-mnist
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -317,18 +316,18 @@ def rng_states(device, world, gather):
 
 
 def restore_rng(states, rank, world, seed, step):
-    if len(states) != world:
-        print(f"rank {rank}: checkpoint has RNG states of {len(states)} ranks, this run {world}: reseeding")
-        torch.manual_seed(seed + rank + 1_000_003 * step)
-        return
+    if len(states) != world:   # e.g. a Ctrl-C checkpoint of a DDP run, or a different world size
+        print(f"rank {rank}: the checkpoint has RNG states of {len(states)} ranks, not {world}: reseeding")
+        return torch.manual_seed(seed + rank + 1_000_003 * step)
     torch.set_rng_state(states[rank]["torch"])
     if states[rank]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(states[rank]["cuda"])
 
 
 def resume_config(args, explicit, path):
-    """Load ckpt.pt for --resume; the run takes the checkpoint's config, and flags that would
-    change the model or data stop the run with a message."""
+    """Load ckpt.pt for --resume. The run takes the checkpoint's config (bar the machine's own
+    settings) except where flags say otherwise; flags that would change the model or the data
+    stop the run with a message, never a silent restart."""
     if not os.path.exists(path):
         raise SystemExit(f"train.py: --resume: no checkpoint at {path}")
     try:
@@ -342,7 +341,7 @@ def resume_config(args, explicit, path):
         raise SystemExit(f"train.py: --resume: this run contradicts {path}: {'; '.join(bad)}. Drop these flags "
                          f"to continue that run, or start a new one in another --out-dir.")
     for k, v in config.items():
-        if k not in explicit and k not in ("resume", "out_dir", "channels"):
+        if k not in explicit and k not in ("resume", "out_dir", "channels", "device", "compile", "amp", "workers"):
             setattr(args, k, v)
     return ckpt
 
@@ -403,9 +402,9 @@ def main(argv=None):
         dist.barrier()
     ch_mult = tuple(args.ch_mult or unet.DEFAULT_CH_MULT.get(image_size, ()))
     config = {**vars(args), "image_size": image_size, "channels": channels, "ch_mult": ch_mult}
-    if ckpt and (ckpt["config"]["channels"], ckpt["config"]["image_size"]) != (channels, image_size):
-        raise SystemExit(f"train.py: --resume: the data is {channels}x{image_size}x{image_size}, the checkpoint's model "
-                         f"takes {ckpt['config']['channels']}x{ckpt['config']['image_size']}x{ckpt['config']['image_size']}")
+    if ckpt and ckpt["config"]["channels"] != channels:
+        raise SystemExit(f"train.py: --resume: the data has {channels} channels, the checkpoint's model takes "
+                         f"{ckpt['config']['channels']}")
 
     torch.manual_seed(args.seed)   # the same initial weights on every rank
     model = build_model(config).to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
