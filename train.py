@@ -87,7 +87,7 @@ def get_parser():
 def explicit_args(argv):
     """Only the options given on the command line (resume checks them against the checkpoint)."""
     p = get_parser()
-    for action in p._actions:
+    for action in p._actions:   # argparse has no public way to ask "was this flag given?"
         action.default = argparse.SUPPRESS
     return vars(p.parse_args(argv))
 
@@ -445,8 +445,8 @@ def main(argv=None):
             dist.all_reduce(b, op=dist.ReduceOp.MIN)
         s, b = torch.stack([s, b]).tolist()
         if math.isfinite(b):
-            raise SystemExit(f"train.py: non-finite loss at step {int(b)}; stopping without saving. "
-                             f"{ckpt_path + f' (step {saved})' if saved else 'No checkpoint'} is the last good one.")
+            last = f"the last good checkpoint is {ckpt_path} (step {saved})" if saved else "no checkpoint was written"
+            raise SystemExit(f"train.py: non-finite loss at step {int(b)}; stopping without saving: {last}.")
         return s / max(n_window, 1) / (world if reduce else 1)
 
     def save(gather=True):
