@@ -30,7 +30,7 @@ def timestep_embedding(t, dim):
 
 
 def norm(ch):
-    return nn.GroupNorm(min(32, ch), ch)
+    return nn.GroupNorm(math.gcd(32, ch), ch)   # 32 groups, fewer when ch is no multiple of 32
 
 
 class ResBlock(nn.Module):
