@@ -1,0 +1,384 @@
+"""
+toy.py -- the 7x7 Gaussian-mixture experiment of Soft Mixture Denoising (Li et al., ICLR
+2024, Fig. 2), as a measurement against exact answers.
+
+On a Gaussian mixture everything is known in closed form: the density q(x_t), the best
+Gaussian denoiser eps* = E[eps | x_t] (what a perfectly trained vanilla DDPM computes, the
+bottleneck of Theorem 3.1) and the true posterior q(x_{t-1} | x_t), again a Gaussian mixture
+(Proposition 3.1, Eq. 29), which sampled step by step is what Theorem 4.1 says SMD can reach.
+We train a vanilla and an SMD MLP denoiser (Algorithm 1 of smd.py), sample them (Algorithm
+2) at several step counts, and score all four against the true mixture.
+
+    python toy.py                              # T=1000, respaced to 1000/100/20/10/5 steps
+    python toy.py --smd-objective iwae         # beyond the paper: importance-weighted bound
+    python toy.py --T 5 --smd-objective jensen,iwae   # train the 5-step chain directly
+    python toy.py --seeds 3 --json out.json --png out.png
+"""
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import smd
+
+# -----------------------------------------------------------------------------
+# the data and everything exact about it (float64)
+
+GRID, SPACING, STD = 7, 0.25, 0.025     # means on [-0.75, 0.75]^2, 10 std apart: |x| < 0.9
+
+
+def grid_means():
+    """(49, 2) mode centres, equal weights w_k = 1/49."""
+    g = (torch.arange(GRID, dtype=torch.float64) - (GRID - 1) / 2) * SPACING
+    return torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+
+
+MEANS = grid_means()
+
+
+def sample_data(n, generator=None):
+    """x_0 ~ q(x_0) = (1/49) sum_k N(mu_k, STD^2 I)."""
+    k = torch.randint(0, len(MEANS), (n,), generator=generator)
+    return MEANS[k] + STD * torch.randn(n, 2, dtype=torch.float64, generator=generator)
+
+
+def component_logits(x_t, abar):
+    """log w_k N(x_t; sqrt(abar) mu_k, v I) with v = 1 - abar + abar STD^2: the components of
+    q(x_t) (Eq. 26) and, normalised, the posterior weights w'_k of Eq. (29). abar: float or (B,)."""
+    abar = torch.as_tensor(abar, dtype=torch.float64).reshape(-1, 1)
+    v = 1 - abar + abar * STD**2
+    x = x_t.double()
+    d2 = x.pow(2).sum(1, keepdim=True) - 2 * abar.sqrt() * (x @ MEANS.T) + abar * MEANS.pow(2).sum(1)
+    return -d2 / (2 * v) - torch.log(2 * math.pi * v) - math.log(len(MEANS))
+
+
+def log_prob(x, abar=1.0):
+    """log q(x_t) in nats; abar = 1 is the data density."""
+    return component_logits(x, abar).logsumexp(1)
+
+
+def best_gaussian_eps(x_t, abar):
+    """eps* = E[eps | x_t] = -sqrt(1 - abar) grad log q(x_t) (Tweedie): the minimiser of Eq. (5)
+    and so what a perfect vanilla model outputs. grad log q = sum_k w'_k (sqrt(abar) mu_k - x_t) / v."""
+    abar = torch.as_tensor(abar, dtype=torch.float64).reshape(-1, 1)
+    v = 1 - abar + abar * STD**2
+    r = component_logits(x_t, abar.flatten()).softmax(1)                  # w'_k, Eq. (29)
+    grad = (r @ MEANS * abar.sqrt() - x_t.double()) / v
+    return -(1 - abar).sqrt() * grad
+
+
+def best_gaussian_model(diffusion):
+    """eps* as a model(x_t, t, eta=None) for Diffusion.sample (latent_dim 0: vanilla)."""
+    return lambda x, t, eta=None: best_gaussian_eps(x, diffusion.alphas_cumprod[t]).to(x.dtype)
+
+
+def posterior_mixture(x_t, abar, abar_prev):
+    """Eq. (29) for Sigma_k = STD^2 I and one (possibly respaced) step abar -> abar_prev:
+    q(x_prev | x_t) = sum_k w'_k N(mu'_k, s'^2 I) with Lambda = (alpha - abar + abar STD^2) / (1 - alpha),
+    mu'_k = Lambda / (1 + Lambda) x_t / sqrt(alpha) + sqrt(abar_prev) / (1 + Lambda) mu_k = a x_t + b mu_k,
+    s'^2 = (1 - alpha) / alpha * Lambda / (1 + Lambda). Returns (w' (B, 49), a, b, s'^2)."""
+    alpha = abar / abar_prev
+    lam = (alpha - abar + abar * STD**2) / (1 - alpha)
+    w = component_logits(x_t, abar).softmax(1)
+    return w, lam / (1 + lam) / math.sqrt(alpha), math.sqrt(abar_prev) / (1 + lam), (1 - alpha) / alpha * lam / (1 + lam)
+
+
+@torch.no_grad()
+def sample_exact(diffusion, n, steps, generator=None):
+    """Exact mixture denoising: x_T ~ N(0, I), then x_{t-1} ~ q(x_{t-1} | x_t) (Eq. 29) along the
+    respaced chain: pick k ~ w'(x_t), then x_{t-1} ~ N(mu'_k, s'^2 I). The last step (abar_prev = 1)
+    samples x_0 from q(x_0 | x_t) itself."""
+    x = torch.randn(n, 2, dtype=torch.float64, generator=generator)
+    for _, abar, abar_prev in diffusion.step_coefficients(steps):
+        w, a, b, var = posterior_mixture(x, abar, abar_prev)
+        u = torch.rand(n, 1, dtype=torch.float64, generator=generator)
+        k = (w.cumsum(1) < u).sum(1).clamp(max=len(MEANS) - 1)          # inverse-CDF draw of k
+        x = a * x + b * MEANS[k] + math.sqrt(var) * torch.randn(n, 2, dtype=torch.float64, generator=generator)
+    return x.float()
+
+# -----------------------------------------------------------------------------
+# metrics: how close is a sample set to q(x_0)?
+
+
+def metrics(x, share=0.25):
+    """nll: -E log q(x) (true samples give the entropy; blur raises it, collapse onto the
+    centres would lower it, hence `spread`); precision: fraction within 3 std of the nearest
+    mode; coverage: modes holding >= `share` of their expected n/49 precise samples; tv: total
+    variation of the precise samples' mode histogram from uniform; spread: rms distance of
+    precise samples to their mode over its true value (1 for data)."""
+    x = x.double()
+    d, k = torch.cdist(x, MEANS).min(1)
+    ok = d < 3 * STD
+    counts = torch.bincount(k[ok], minlength=len(MEANS)).double()
+    hist = counts / counts.sum().clamp_min(1)
+    rms_true = STD * math.sqrt(2 - 9 / math.expm1(4.5))      # E[r^2 | r < 3 std] for 2-D N(0, STD^2 I)
+    return dict(nll=-log_prob(x).mean().item(), precision=ok.double().mean().item(),
+                coverage=int((counts >= share * len(x) / len(MEANS)).sum()),
+                tv=0.5 * (hist - 1 / len(MEANS)).abs().sum().item() if ok.any() else 1.0,
+                spread=(d[ok].pow(2).mean().sqrt() / rms_true).item() if ok.any() else float("nan"))
+
+# -----------------------------------------------------------------------------
+# the denoiser: an MLP whose hidden layers are the blocks SMD modulates
+
+
+def timestep_embedding(t, dim):
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+class Denoiser(nn.Module):
+    """eps_theta(x_t, t): h = W x + time; `depth` residual blocks h <- h + W silu(modulate(norm(h)));
+    out = W silu(norm(h)). With latent_dim > 0 the blocks' (scale, shift) = f_phi(g_xi(eta, h_0, t), t)
+    (Eq. 11, Alg. 1 lines 6-7) from smd.SoftMixture; with eta = None the model is vanilla."""
+
+    def __init__(self, width=128, depth=3, latent_dim=0, T=1000, temb_dim=64, mix_hidden=64, n_freq=6):
+        super().__init__()
+        self.latent_dim, self.t_scale, self.temb_dim = latent_dim, 1000 / T, temb_dim
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq), persistent=False)
+        self.time = smd.mlp(temb_dim, temb_dim, temb_dim, depth=1)
+        self.inp, self.tproj = nn.Linear(2 + 4 * n_freq, width), nn.Linear(temb_dim, width)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 2))
+        self.mix = smd.SoftMixture(latent_dim, width, temb_dim, [width] * depth, mix_hidden) if latent_dim else None
+
+    def forward(self, x, t, eta=None):
+        tu, inv = torch.unique(t, return_inverse=True)      # sampling has one t per batch: embed it once
+        e = self.time(timestep_embedding(tu * self.t_scale, self.temb_dim))
+        te, e = self.tproj(e)[inv], e[inv]
+        f = (x[:, :, None] * self.freqs).flatten(1)            # Fourier features pi 2^k x: the grid is sharp
+        h = self.inp(torch.cat([x, f.sin(), f.cos()], 1)) + te
+        mods = self.mix(eta, h, e) if self.mix is not None else [None] * len(self.blocks)
+        for norm, lin, mod in zip(self.norms, self.blocks, mods):
+            h = h + lin(F.silu(smd.modulate(norm(h), mod)))
+        return self.out(h)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def matched_width(target, depth, T):
+    """The smallest vanilla width with at least `target` parameters (fair capacity)."""
+    w = 8
+    while n_params(Denoiser(w, depth, 0, T)) < target:
+        w += 8
+    return w
+
+
+def eta_fixed(model, value=0.0):
+    """The SMD model with eta held at `value`: if it samples as well, the latent is unused."""
+    return lambda x, t, eta=None: model(x, t, torch.full((x.shape[0], model.latent_dim), value, dtype=x.dtype))
+
+# -----------------------------------------------------------------------------
+# training: Algorithm 1 (Jensen) or the importance-weighted bound (beyond the paper)
+
+
+def iwae_loss(model, diffusion, x0, K):
+    """-(1/Gamma_t) log (1/K) sum_k p(x_{t-1} | x_t, z_k), x_{t-1} ~ q(x_{t-1} | x_t, x_0), K etas.
+    With p(x_{t-1} | x_t, z) = N(mu_z, sigma_t^2 I), mu_z from eps_hat_k by Eq. (12)/Alg. 2 line 7 and
+    x_{t-1} = mu_tilde + sqrt(beta_tilde) xi (mu_tilde: the same formula with the true eps):
+      x_{t-1} - mu_z = c D_k + sqrt(beta_tilde) xi,  D_k = eps_hat_k - eps,  c = beta / sqrt(alpha (1 - abar)),
+      log p_k = -Gamma ||D_k||^2 - rho D_k.xi + const,  Gamma = c^2 / (2 sigma^2)  (the paper's Gamma_t, Eq. 14),
+      rho = c sqrt(beta_tilde) / sigma^2.  sigma^2 = beta_tilde, clipped at t=0 to its t=1 value (IDDPM).
+    Subtracting rho mean_k(D_k).xi from every log p_k shifts the bound by a zero-mean term (xi is
+    independent of everything else) and removes the xi noise when the K predictions agree. Then
+    dividing by Gamma_t gives exactly the paper's loss ||eps - eps_hat||^2 when z is ignored, and a
+    soft minimum over k (winner-takes-all as Gamma_t -> inf) when the predictions differ."""
+    B, D = x0.shape
+    t = torch.randint(0, diffusion.T, (B,))
+    eps = torch.randn_like(x0)
+    x_t = diffusion.q_sample(x0, t, eps)
+    eta = torch.randn(B * K, model.latent_dim)
+    eps_hat = model(x_t.repeat_interleave(K, 0), t.repeat_interleave(K, 0), eta).view(B, K, D)
+    abar, beta = diffusion.alphas_cumprod, diffusion.betas
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    beta_tilde = beta * (1 - abar_prev) / (1 - abar)
+    sigma2 = torch.cat([beta_tilde[1:2], beta_tilde[1:]])
+    c2 = beta**2 / ((1 - beta) * (1 - abar))
+    gamma, rho = (c2 / (2 * sigma2))[t], (c2.sqrt() * beta_tilde.sqrt() / sigma2)[t]      # float64
+    d = (eps_hat - eps[:, None]).double()
+    xi = torch.randn(B, 1, D, dtype=torch.float64)
+    logp = -gamma[:, None] * d.pow(2).sum(-1) - rho[:, None] * ((d - d.mean(1, keepdim=True)) * xi).sum(-1)
+    bound = logp.logsumexp(1) - math.log(K)
+    return (-(bound / gamma).mean() / D).float()          # / D: the same scale as F.mse_loss
+
+
+def train(model, diffusion, args, objective):
+    """AdamW with a cosine learning-rate decay; returns the mean loss of the last 10% of steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    losses = []
+    for it in range(args.iters):
+        for g in opt.param_groups:
+            g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * it / args.iters))
+        x0 = sample_data(args.batch).float()
+        if objective == "iwae":
+            loss = iwae_loss(model, diffusion, x0[:max(1, args.batch // args.K)], args.K)   # same rows per step
+        else:   # Algorithm 1 (vanilla: eta is None; SMD: one eta per example, the paper's Jensen bound)
+            loss = diffusion.loss(model, x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return float(np.mean(losses[-max(1, args.iters // 10):]))
+
+# -----------------------------------------------------------------------------
+# one seed: train, sample everything, score everything
+
+
+def run(args, seed):
+    """Train vanilla and SMD models from the same seed (same init stream, same batches: common
+    random numbers), then sample and score them and both references at every step count."""
+    diffusion = smd.Diffusion(args.T)
+    steps_list = [s for s in args.steps if s <= args.T]
+    new_smd = lambda: Denoiser(args.width, args.depth, args.latent_dim, args.T, mix_hidden=args.mix_hidden)
+    vw = matched_width(n_params(new_smd()), args.depth, args.T) if args.match_params else args.width
+    models, info = {}, {}
+    for name, objective in [("vanilla", "jensen")] + [(f"SMD-{o}", o) for o in args.smd_objective]:
+        torch.manual_seed(seed)
+        model = Denoiser(vw, args.depth, 0, args.T) if name == "vanilla" else new_smd()
+        t0 = time.time()
+        final_loss = train(model, diffusion, args, objective)
+        model.eval()
+        info[name] = dict(params=n_params(model), loss=final_loss, train_s=time.time() - t0,
+                          eta_sensitivity=smd.eta_sensitivity(model, diffusion, sample_data(1000).float())
+                          if model.latent_dim else 0.0)
+        print(f"seed {seed} {name}: {info[name]['params']:,} params, final loss {final_loss:.4f} ({objective}), "
+              f"eta-sensitivity {info[name]['eta_sensitivity']:.4f}, {info[name]['train_s']:.0f}s")
+        models[name] = model
+        if model.latent_dim:
+            models[name + " eta=0"] = eta_fixed(model)
+    rows, gen = [], lambda s: torch.Generator().manual_seed(seed * 100003 + s)
+
+    def score(name, var, s, x, **extra):
+        rows.append(dict(model=name, var=var, steps=s, **extra, **metrics(x), _x=x.float()))
+
+    score("data", "-", 0, sample_data(args.n, gen(0)))
+    for s in steps_list:
+        score("exact mixture", "-", s, sample_exact(diffusion, args.n, s, gen(s)))
+    samplers = [("best Gaussian", best_gaussian_model(diffusion), torch.float64)] + \
+               [(k, m, torch.float32) for k, m in models.items()]
+    with torch.no_grad():
+        for name, model, dtype in samplers:
+            for var in args.var[:1] if name.endswith("eta=0") else args.var:     # eta=0: first var only
+                for s in steps_list:
+                    t0 = time.time()
+                    x = diffusion.sample(model, (args.n, 2), steps=s, var=var, generator=gen(s), dtype=dtype)
+                    print(f"  sampled {name}, sigma^2 {var}, {s} steps: {time.time() - t0:.0f}s", flush=True)
+                    score(name, var, s, x, eta_sens=info.get(name, {}).get("eta_sensitivity", 0.0))
+    return rows, info
+
+# -----------------------------------------------------------------------------
+# reporting: table, JSON, figure
+
+
+KEYS = ["nll", "precision", "coverage", "tv", "spread"]
+
+
+def aggregate(per_seed):
+    """mean and std over seeds, row by row (rows come in the same order for every seed)."""
+    out = []
+    for rs in zip(*per_seed):
+        r = {k: rs[0][k] for k in ("model", "var", "steps")}
+        for k in KEYS + ["eta_sens"]:
+            if k in rs[0]:
+                v = np.array([x[k] for x in rs], dtype=np.float64)
+                r[k], r[k + "_std"] = float(v.mean()), float(v.std())
+        out.append(r)
+    return out
+
+
+def fmt(r, k, digits):
+    s = f"{r[k]:.{digits}f}"
+    return s + (f"±{r[k + '_std']:.{digits}f}" if r.get(k + "_std", 0) > 0 else "")
+
+
+def table(rows):
+    head = f"{'model':<20} {'var':<5} {'steps':>5} {'NLL':>12} {'precision':>12} {'coverage':>11} {'TV':>12} {'spread':>12} {'eta-sens':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<20} {r['var']:<5} {r['steps'] or '-':>5} {fmt(r, 'nll', 3):>12} {fmt(r, 'precision', 3):>12} "
+                     f"{fmt(r, 'coverage', 1):>11} {fmt(r, 'tv', 3):>12} {fmt(r, 'spread', 2):>12} "
+                     f"{(format(r['eta_sens'], '.4f') if 'SMD' in r['model'] else ''):>9}")
+    return "\n".join(lines)
+
+
+def density_image(x, px=96, lim=1.0):
+    """A 2-D histogram of x on [-lim, lim]^2, sqrt-scaled, dark = dense, as a uint8 image."""
+    ij = ((x.numpy() + lim) / (2 * lim) * px).astype(np.int64)
+    ij = ij[((ij >= 0) & (ij < px)).all(1)]
+    h = np.zeros((px, px))
+    np.add.at(h, (px - 1 - ij[:, 1], ij[:, 0]), 1)
+    h = np.sqrt(h / max(h.max(), 1))
+    return (255 * (1 - h)).astype(np.uint8)
+
+
+def figure(rows, path, px=96, pad=4, left=150, top=20):
+    """Rows = models (references first), columns = step counts, like Fig. 2."""
+    steps = sorted({r["steps"] for r in rows if r["steps"]}, reverse=True)
+    names = list(dict.fromkeys((r["model"], r["var"]) for r in rows if r["steps"]))
+    img = Image.new("L", (left + len(steps) * (px + pad), top + len(names) * (px + pad)), 255)
+    draw = ImageDraw.Draw(img)
+    for j, s in enumerate(steps):
+        draw.text((left + j * (px + pad) + px // 3, 4), f"{s} steps", fill=0)
+    for i, (name, var) in enumerate(names):
+        y = top + i * (px + pad)
+        draw.text((4, y + px // 2 - 10), name, fill=0)
+        draw.text((4, y + px // 2 + 2), "" if var == "-" else f"sigma^2: {var}", fill=0)
+        for r in rows:
+            if (r["model"], r["var"]) == (name, var) and "_x" in r:
+                img.paste(Image.fromarray(density_image(r["_x"], px)), (left + steps.index(r["steps"]) * (px + pad), y))
+    img.save(path, optimize=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, default=1000, help="training chain length")
+    p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[1000, 100, 20, 10, 5])
+    p.add_argument("--var", type=lambda s: s.split(","), default=["large", "small"])
+    p.add_argument("--smd-objective", type=lambda s: s.split(","), default=["jensen"], help="jensen|iwae|jensen,iwae")
+    p.add_argument("--K", type=int, default=8, help="etas per example for --smd-objective iwae")
+    p.add_argument("--width", type=int, default=96)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--latent-dim", type=int, default=4)
+    p.add_argument("--mix-hidden", type=int, default=32)
+    p.add_argument("--no-match-params", dest="match_params", action="store_false",
+                   help="by default the vanilla width is raised to SMD's parameter count")
+    p.add_argument("--iters", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=512, help="rows per step (iwae: batch/K examples x K etas)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--n", type=int, default=10000, help="samples per evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default="", help="write results here")
+    p.add_argument("--png", default="toy.png", help="write the figure here (first seed); '' for none")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    per_seed, infos = [], []
+    for seed in range(args.seed, args.seed + args.seeds):
+        rows, info = run(args, seed)
+        if args.png and not per_seed:
+            figure(rows, args.png)
+        per_seed.append([{k: v for k, v in r.items() if k != "_x"} for r in rows])
+        infos.append(info)
+    rows = aggregate(per_seed)
+    print(table(rows))
+    print(f"total {time.time() - t0:.0f}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(config=vars(args), models=infos, rows=rows, seconds=time.time() - t0), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
