@@ -18,27 +18,23 @@ bf16 autocast with TF32, channels_last, torch.compile and fused AdamW; in-memory
 
 import argparse
 import copy
-import gzip
 import math
 import os
-import pickle
 import signal
-import struct
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import smd
 import unet
+from data import make_batches
 
 MODEL_KEYS = ("image_size", "channels", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout", "smd", "latent_dim")
 FIXED_ON_RESUME = ("dataset", "T", "schedule", *MODEL_KEYS)   # what --resume may not change
-SYSTEM_DIRS = {"fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}   # Debian's dataset-fashion-mnist
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def int_tuple(s):
@@ -90,146 +86,6 @@ def explicit_args(argv):
     for action in p._actions:   # argparse has no public way to ask "was this flag given?"
         action.default = argparse.SUPPRESS
     return vars(p.parse_args(argv))
-
-# -----------------------------------------------------------------------------
-# data: uint8 (N, C, H, W) arrays for the named datasets, a Dataset for image folders
-
-
-def read_idx(path):
-    """An IDX file (the MNIST format), gzipped or not, as a numpy array."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        buf = f.read()
-    ndim = buf[3]
-    shape = struct.unpack(f">{ndim}I", buf[4:4 + 4 * ndim])
-    return np.frombuffer(buf, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def download(name, cls, data_dir, where):
-    """Ask torchvision to download; offline, fail with a message saying where the files go."""
-    try:
-        import torchvision   # only here: importing it costs seconds
-        getattr(torchvision.datasets, cls)(data_dir, train=True, download=True)
-    except Exception as e:
-        raise SystemExit(f"train.py: {name}: no data in {where}, and downloading it failed ({type(e).__name__}: {e}). "
-                         f"Put the files in {where} (torchvision's on-disk format), or go online.")
-
-
-def load_mnist_like(name, data_dir):
-    """MNIST / Fashion-MNIST training images as (N, 1, 28, 28) uint8, from data_dir/<Class>/raw/
-    (plain or .gz, as torchvision leaves them), else a system copy, else a download."""
-    folder = "MNIST" if name == "mnist" else "FashionMNIST"
-    dirs = [os.path.join(data_dir, folder, "raw"), *SYSTEM_DIRS.get(name, [])]
-    files = [os.path.join(d, "train-images-idx3-ubyte" + gz) for d in dirs for gz in ("", ".gz")]
-    if not any(map(os.path.exists, files)):
-        download(name, folder, data_dir, dirs[0])
-    return read_idx(next(f for f in files if os.path.exists(f)))[:, None]
-
-
-def load_cifar10(data_dir):
-    """CIFAR-10's 50k training images as (N, 3, 32, 32) uint8 from torchvision's python batches."""
-    folder = os.path.join(data_dir, "cifar-10-batches-py")
-    files = [os.path.join(folder, f"data_batch_{i}") for i in range(1, 6)]
-    if not all(map(os.path.exists, files)):
-        download("cifar10", "CIFAR10", data_dir, folder)
-    arrays = []
-    for f in files:
-        with open(f, "rb") as fh:
-            arrays.append(pickle.load(fh, encoding="latin1")["data"])
-    return np.concatenate(arrays).reshape(-1, 3, 32, 32)
-
-
-def load_images(name, data_dir):
-    """A named dataset as uint8 (N, C, 32, 32); 28x28 images are zero-padded to 32x32."""
-    x = load_cifar10(data_dir) if name == "cifar10" else load_mnist_like(name, data_dir)
-    if x.shape[-1] == 28:
-        x = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
-    return np.ascontiguousarray(x)
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """Every image under root (recursively, sorted), resized on its shorter side and center-
-    cropped to size x size, as uint8 CHW. Items are addressed as (index, flip)."""
-
-    def __init__(self, root, size):
-        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
-                            if f.lower().endswith(IMAGE_EXTS))
-        if not self.files:
-            raise SystemExit(f"train.py: {root}: no images ({' '.join(IMAGE_EXTS)}) found")
-        self.size = size
-        self.mode = "L" if Image.open(self.files[0]).mode in ("1", "L", "I", "I;16") else "RGB"
-        self.channels = 1 if self.mode == "L" else 3
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, item):
-        i, flip = item
-        img = ImageOps.fit(Image.open(self.files[i]).convert(self.mode), (self.size, self.size), Image.BICUBIC)
-        x = torch.from_numpy(np.array(ImageOps.mirror(img) if flip else img))
-        return x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-
-
-def epoch_order(n, seed, epoch):
-    """One epoch's permutation of the n images and a flip bit per image (the same on every rank)."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g), torch.rand(n, generator=g) < 0.5
-
-
-def batch_plan(n, batch, rank, world, seed, step, device="cpu"):
-    """Yields (indices, flips) of this rank's share of each global batch from `step` on. Each
-    epoch is a fresh permutation cut into n // (batch * world) global batches; the order is a
-    function of (seed, step) only, so a resumed run sees exactly the uninterrupted run's data."""
-    per_epoch = n // (batch * world)
-    if per_epoch == 0:
-        raise SystemExit(f"train.py: {n} images are fewer than one global batch of {batch * world}")
-    epoch = None
-    while True:
-        e, j = divmod(step, per_epoch)
-        if e != epoch:   # one host->device copy per epoch
-            epoch, (perm, flip) = e, (v.to(device) for v in epoch_order(n, seed, e))
-        i = (j * world + rank) * batch
-        yield perm[i:i + batch], flip[i:i + batch]
-        step += 1
-
-
-def memory_batches(images, plan, flip):
-    """Batches of a dataset held as one uint8 tensor on the device: gather and flip there."""
-    for idx, fl in plan:
-        x = images[idx]
-        yield torch.where(fl[:, None, None, None], x.flip(3), x) if flip else x
-
-
-def ignore_sigint(worker_id):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's business
-
-
-def folder_batches(dataset, plan, flip, workers, device):
-    """Batches of an image folder through a DataLoader (decode + resize in the workers)."""
-    sampler = ([(i, f and flip) for i, f in zip(idx.tolist(), fl.tolist())] for idx, fl in plan)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint)
-    for x in loader:
-        yield x.to(device, non_blocking=True)
-
-
-def make_batches(args, rank, world, step, device):
-    """(iterator of float batches in [-1, 1] on the device, channels, image size)."""
-    plan = lambda n, dev: batch_plan(n, args.batch_size // world, rank, world, args.seed, step, dev)
-    if args.dataset in ("cifar10", "mnist", "fashion-mnist"):
-        if args.image_size not in (None, 32):
-            raise SystemExit(f"train.py: {args.dataset} is 32x32 (28x28 is padded); --image-size is for image folders")
-        images = torch.from_numpy(load_images(args.dataset, args.data_dir)).to(device)
-        uint8 = memory_batches(images, plan(len(images), device), args.flip)
-        channels, size = images.shape[1], 32
-    elif os.path.isdir(args.dataset):
-        data = ImageFolder(args.dataset, args.image_size or 64)
-        uint8 = folder_batches(data, plan(len(data), "cpu"), args.flip, args.workers, device)
-        channels, size = data.channels, data.size
-    else:
-        raise SystemExit(f"train.py: --dataset {args.dataset!r} is neither cifar10|mnist|fashion-mnist nor a folder")
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    floats = (x.float().div(127.5).sub(1).contiguous(memory_format=fmt) for x in uint8)
-    return floats, channels, size
 
 # -----------------------------------------------------------------------------
 # model, optimiser, one training step, EMA (plain functions bench.py reuses)

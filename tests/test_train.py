@@ -19,6 +19,7 @@ import torchvision
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import smd  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
 from conftest import TINY, write_cifar10  # noqa: E402
 
@@ -51,7 +52,7 @@ def offline(monkeypatch):
 
 def test_cifar10_files(tmp_path, offline):
     images = write_cifar10(tmp_path / "data", n_per_batch=8)
-    x = train.load_images("cifar10", str(tmp_path / "data"))
+    x = data.load_images("cifar10", str(tmp_path / "data"))
     assert x.shape == (40, 3, 32, 32) and x.dtype == np.uint8 and np.array_equal(x, images)
     r = run(tmp_path / "out", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--max-steps", "2")
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
@@ -64,7 +65,7 @@ def test_mnist_format_files(tmp_path, offline):
     write_idx(str(tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte"), digits)        # as extracted
     write_idx(str(tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz"), digits)  # as downloaded
     for name in ("mnist", "fashion-mnist"):   # data_dir wins over /usr/share/datasets
-        x = train.load_images(name, str(tmp_path / "data"))
+        x = data.load_images(name, str(tmp_path / "data"))
         assert x.shape == (12, 1, 32, 32) and np.array_equal(x[:, 0, 2:30, 2:30], digits)
         assert x[:, :, :2].max() == x[:, :, 30:].max() == x[:, :, :, :2].max() == 0   # zero padding
     r = run(tmp_path / "out", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--max-steps", "2")
@@ -73,9 +74,9 @@ def test_mnist_format_files(tmp_path, offline):
 
 def test_missing_data_offline_says_where(tmp_path, offline):
     with pytest.raises(SystemExit, match=r"MNIST/raw.*downloading it failed"):
-        train.load_images("mnist", str(tmp_path))
+        data.load_images("mnist", str(tmp_path))
     with pytest.raises(SystemExit, match="cifar-10-batches-py"):
-        train.load_images("cifar10", str(tmp_path))
+        data.load_images("cifar10", str(tmp_path))
     with pytest.raises(SystemExit, match="neither cifar10"):
         run(tmp_path / "out", "--dataset", str(tmp_path / "no-such-folder"))
 
@@ -88,13 +89,13 @@ def test_image_folder(tmp_path):
         path = tmp_path / "imgs" / ("sub" if i % 2 else "") / f"{i}.{'png' if i % 3 else 'jpg'}"
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
-    ds = train.ImageFolder(str(tmp_path / "imgs"), 16)
+    ds = data.ImageFolder(str(tmp_path / "imgs"), 16)
     assert len(ds) == 6 and ds.channels == 3
     x = ds[(0, False)]
     assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and torch.equal(ds[(0, True)], x.flip(-1))
     (tmp_path / "gray").mkdir()
     Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(tmp_path / "gray" / "a.png")
-    assert train.ImageFolder(str(tmp_path / "gray"), 8)[(0, False)].shape == (1, 8, 8)
+    assert data.ImageFolder(str(tmp_path / "gray"), 8)[(0, False)].shape == (1, 8, 8)
     r = run(tmp_path / "out", "--dataset", str(tmp_path / "imgs"), "--image-size", "16", "--max-steps", "2",
             "--workers", "1")
     assert r["config"]["image_size"] == 16 and r["config"]["channels"] == 3
@@ -102,7 +103,7 @@ def test_image_folder(tmp_path):
 
 @pytest.mark.skipif(not HAS_FASHION, reason="apt-get install dataset-fashion-mnist")
 def test_real_fashion_mnist_offline(tmp_path, offline):
-    x = train.load_images("fashion-mnist", str(tmp_path / "empty"))
+    x = data.load_images("fashion-mnist", str(tmp_path / "empty"))
     assert x.shape == (60000, 1, 32, 32) and x.dtype == np.uint8
     assert abs(x[:, :, 2:30, 2:30].mean() - 0.2860 * 255) < 0.5   # Fashion-MNIST's known mean
 
@@ -119,10 +120,10 @@ def test_fashion_mnist_loss_drops(tmp_path, offline):
 
 
 def test_batch_plan_shards_epochs_and_resumes():
-    plan = [train.batch_plan(20, 2, rank, 2, seed=0, step=0) for rank in range(2)]
+    plan = [data.batch_plan(20, 2, rank, 2, seed=0, step=0) for rank in range(2)]
     first_epoch = torch.cat([next(p)[0] for _ in range(5) for p in plan])
     assert sorted(first_epoch.tolist()) == list(range(20))   # ranks share no image, epoch covers all
-    again = train.batch_plan(20, 2, 0, 2, seed=0, step=7)    # a resumed plan = the same batches
+    again = data.batch_plan(20, 2, 0, 2, seed=0, step=7)    # a resumed plan = the same batches
     for _ in range(2):
         next(plan[0])
     for _ in range(3):
