@@ -17,8 +17,9 @@ import fid
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 HAVE_FASHION = os.path.isfile(f"{FASHION}/t10k-images-idx3-ubyte.gz")
-pytestmark = pytest.mark.filterwarnings(  # expected with a few images (N < 2048), and from pytorch-fid
-    "ignore::scipy.linalg.LinAlgWarning", "ignore:The `disp` argument is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(  # expected with a few images (N < 2048), from pytorch-fid, TorchScript
+    "ignore::scipy.linalg.LinAlgWarning", "ignore:The `disp` argument is deprecated:DeprecationWarning",
+    "ignore:`torch.jit.load` is deprecated:FutureWarning")
 
 
 # ----------------------------------------------------------------------------- fixtures
