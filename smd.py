@@ -175,6 +175,14 @@ class Diffusion(nn.Module):
 # Soft Mixture Denoising: z_t = g_xi(eta, x_t, t) and theta_hat = theta u f_phi(z_t, t)
 
 
+def timestep_embedding(t, dim):
+    """DDPM's sinusoidal embedding of timesteps, (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
 def mlp(d_in, d_hidden, d_out, depth=2):
     layers, d = [], d_in
     for _ in range(depth):

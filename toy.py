@@ -128,13 +128,6 @@ def metrics(x, share=0.25):
 # the denoiser: an MLP whose hidden layers are the blocks SMD modulates
 
 
-def timestep_embedding(t, dim):
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.sin(), args.cos()], dim=1)
-
-
 class Denoiser(nn.Module):
     """eps_theta(x_t, t): h = W x + time; `depth` residual blocks h <- h + W silu(modulate(norm(h)));
     out = W silu(norm(h)). With latent_dim > 0 the blocks' (scale, shift) = f_phi(g_xi(eta, h_0, t), t)
@@ -153,7 +146,7 @@ class Denoiser(nn.Module):
 
     def forward(self, x, t, eta=None):
         tu, inv = torch.unique(t, return_inverse=True)      # sampling has one t per batch: embed it once
-        e = self.time(timestep_embedding(tu * self.t_scale, self.temb_dim))
+        e = self.time(smd.timestep_embedding(tu * self.t_scale, self.temb_dim))
         te, e = self.tproj(e)[inv], e[inv]
         f = (x[:, :, None] * self.freqs).flatten(1)            # Fourier features pi 2^k x: the grid is sharp
         h = self.inp(torch.cat([x, f.sin(), f.cos()], 1)) + te

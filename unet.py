@@ -16,17 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smd import SoftMixture, modulate
+from smd import SoftMixture, modulate, timestep_embedding
 
 DEFAULT_CH_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
-
-
-def timestep_embedding(t, dim):
-    """DDPM's sinusoidal embedding of integer timesteps, (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.sin(), args.cos()], dim=1)
 
 
 def norm(ch):
