@@ -43,10 +43,11 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
+import data  # the datasets as train.py reads them
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}
-DATASETS = ("cifar10", "mnist", "fashion-mnist")
 STATS_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "smd", "fid_stats")
 
 # -----------------------------------------------------------------------------
@@ -414,17 +415,16 @@ def folder_batches(files, batch_size, num_workers=0):
 def dataset_images(name, split, data_dir):
     """A dataset split as uint8 NHWC through data.py, as the models see it (28x28 zero-padded
     to 32x32), so that samples and reference statistics are made alike."""
-    import data  # this repo's loader: torchvision's files in data_dir, Debian's, or a download
     return np.ascontiguousarray(data.load_images(name, data_dir, split).transpose(0, 2, 3, 1))
 
 
 def check_input(source):
-    if source.partition(":")[0] in DATASETS or os.path.isdir(source) or (
+    if source.partition(":")[0] in data.DATASETS or os.path.isdir(source) or (
             os.path.isfile(source) and source.endswith(".npz")):
         return
     raise FileNotFoundError(f"{source}: {'not an .npz' if os.path.exists(source) else 'no such file or folder'} "
                             f"(an input is an .npz of images or of mu/sigma, a folder of images, or a "
-                            f"dataset name: {', '.join(DATASETS)}, optionally with :train or :test)")
+                            f"dataset name: {', '.join(data.DATASETS)}, optionally with :train or :test)")
 
 
 def input_stats(source, model, args):
@@ -433,7 +433,7 @@ def input_stats(source, model, args):
         feats = features(model, images, args.batch_size, args.device, args.tf32, source, total)
         return (*stats(feats), len(feats))
     name, _, split = source.partition(":")
-    if name in DATASETS:
+    if name in data.DATASETS:
         split = split or "train"
         if split not in ("train", "test"):
             raise ValueError(f"{source}: split must be :train or :test")
