@@ -451,8 +451,8 @@ def input_stats(source, model, args):
     if os.path.isdir(source):
         files = image_files(source)[:args.limit]
         return stats_of(folder_batches(files, args.batch_size, args.num_workers), len(files))
-    kind, data = load_npz(source)
-    return (*data, None) if kind == "stats" else stats_of(data[:args.limit])
+    kind, loaded = load_npz(source)
+    return (*loaded, None) if kind == "stats" else stats_of(loaded[:args.limit])
 
 
 def main(argv=None):
