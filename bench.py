@@ -2,17 +2,20 @@
 bench.py -- how fast is it, and what does SMD cost? Vanilla and SMD side by side, one run.
 
 Times, for the same U-Net config: a training step (forward + backward + AdamW, eager and
-torch.compile'd), a sampling step (Algorithm 2 at batch 500) and FID feature extraction.
-Prints ms/step, img/s, the SMD/vanilla ratio, peak GPU memory and model FLOPs utilisation
-(U-Net FLOPs per image counted once with torch's FLOP counter, against the GPU's bf16 peak).
-Warm-up is excluded; each number is the median of several repeats.
+torch.compile'd), a sampling step (Algorithm 2 at batch 500; compiled, and as a CUDA graph)
+and FID feature extraction (fid.py, and pytorch-fid's model on the same images if installed).
+Prints ms/step, img/s, the SMD/vanilla ratio, U-Net GFLOPs per image (counted once with
+torch's FLOP counter), peak GPU memory and model FLOPs utilisation against the GPU's bf16
+peak. Warm-up is excluded; each number is the median of several repeats.
 
     python bench.py                      # CUDA: the CIFAR-10 35.7M model, batch 128, bf16
     python bench.py --json bench.json    # also write the results
-    python bench.py --tiny               # a tiny config (the default on CPU; under a minute)
+    python bench.py --config tiny        # a tiny U-Net (the default on CPU; under a minute)
+    python bench.py --config cifar10 --no-fid   # the CIFAR-10 model on CPU (batch 8; minutes)
 """
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -38,29 +41,32 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def median_time(fn, device, warmup, repeats, iters):
-    """Median over `repeats` of the mean wall time of `iters` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
+def side_by_side(makers, device, warmup, repeats, iters):
+    """{key: (seconds per call, peak GiB)} for {key: maker}, where maker() builds a model and
+    returns its step function. Each is built and warmed up in turn, its peak memory counted
+    above what was resident before it was built; then the repeats alternate between them, so
+    that their ratio sees the same machine state. Seconds: the median over repeats of the
+    mean of `iters` calls."""
+    fns, mem = {}, {}
+    for key, make in makers.items():
         sync(device)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
-
-
-def peak_memory(device):
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-
-
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        fns[key] = make()
+        for _ in range(warmup):
+            fns[key]()
+        sync(device)
+        mem[key] = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync(device)
+            times[key].append((time.perf_counter() - t0) / iters)
+    return {key: (statistics.median(times[key]), mem[key]) for key in fns}
 
 
 def flops_per_image(config, smd, train_step):
@@ -74,56 +80,94 @@ def flops_per_image(config, smd, train_step):
     return counter.get_total_flops()
 
 
-def bench_training(config, smd, compile, args, device):
+def compiled(model, compile):
+    """compile: False, True, or "cuda-graph" (mode="reduce-overhead", as sample.py --cuda-graph).
+    Static shapes: training and sampling batches differ, and each gets its own graph."""
+    if not compile:
+        return model
+    return torch.compile(model, mode="reduce-overhead" if compile == "cuda-graph" else "default", dynamic=False)
+
+
+def training_step(config, smd, compile, args, device):
+    """A function doing one training step of a fresh U-Net (Alg. 1, backward, AdamW)."""
     model = train.build_model(dict(config, smd=smd)).to(device, memory_format=torch.channels_last)
-    net = torch.compile(model) if compile else model
-    diffusion = train.build_diffusion(config).to(device)
+    net, diffusion = compiled(model, compile), train.build_diffusion(config).to(device)
     opt = train.make_optimizer(model, 2e-4, device)
     x0 = torch.randn(args.batch_size, config["channels"], config["image_size"], config["image_size"],
                      device=device).to(memory_format=torch.channels_last)
-    amp = device.type == "cuda"
-    reset_peak(device)
-    sec = median_time(lambda: train.train_step(net, diffusion, opt, x0, amp=amp), device,
-                      args.warmup, args.repeats, args.iters)
-    return sec, peak_memory(device)
+    return lambda: train.train_step(net, diffusion, opt, x0, amp=device.type == "cuda")
 
 
-def bench_sampling(config, smd, compile, args, device):
+def sampling_steps(config, smd, compile, args, device, steps):
+    """A function running `steps` steps of Algorithm 2 (respaced) on a fresh U-Net."""
     model = train.build_model(dict(config, smd=smd)).to(device, memory_format=torch.channels_last).eval()
-    net = torch.compile(model) if compile else model
-    diffusion = train.build_diffusion(config).to(device)
+    net, diffusion = compiled(model, compile), train.build_diffusion(config).to(device)
     shape = (args.sample_batch, config["channels"], config["image_size"], config["image_size"])
-    steps = 10   # one call = 10 steps of Algorithm 2 (respaced), timed per step below
-    amp = device.type == "cuda"
 
     def run():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             diffusion.sample(net, shape, steps=steps, device=device)
+    return run
 
-    reset_peak(device)
-    sec = median_time(run, device, max(1, args.warmup // 2), args.repeats, 1) / steps
-    return sec, peak_memory(device)
+
+def pytorch_fid_model(model):
+    """pytorch-fid's own InceptionV3 (its code, NCHW, torch's default TF32 settings) with the
+    weights of `model`: the same TF graph its .pth holds, so no download is needed."""
+    from pytorch_fid import inception
+    sd = {**model.state_dict(), "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
+    download = inception.load_state_dict_from_url
+    inception.load_state_dict_from_url = lambda *a, **k: sd
+    try:
+        return inception.InceptionV3([3]).eval()
+    finally:
+        inception.load_state_dict_from_url = download
+
+
+def pytorch_fid_features(model, images, batch_size, device):
+    """As pytorch-fid's get_activations (float [0, 1] NCHW batches in, pool_3 features out),
+    under torch's default TF32 settings, which are what a pytorch-fid user runs with."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    out = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float().div(255)
+                out.append(model(x.to(device))[0].squeeze(3).squeeze(2).cpu().numpy())
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    return np.concatenate(out)
 
 
 def bench_fid(args, device):
-    """img/s of FID features (299x299 Inception, fp32) on random 32x32 uint8 images."""
+    """img/s of FID features (299x299 Inception) on the same random 32x32 uint8 images, side
+    by side: fid.py in fp32 (and with TF32 on CUDA), and pytorch-fid's model if installed."""
     try:
         model = fid.load_inception(args.fid_weights, device)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"FID benchmark skipped: {e}")
         return None
     images = np.random.default_rng(0).integers(0, 256, (args.fid_images, 32, 32, 3), dtype=np.uint8)
-    sec = median_time(lambda: fid.features(model, images, args.fid_batch, device), device, 1, args.repeats, 1)
-    return args.fid_images / sec
+    makers = {"fid.py": lambda: lambda: fid.features(model, images, args.fid_batch, device)}
+    if device.type == "cuda":
+        makers["fid.py --tf32"] = lambda: lambda: fid.features(model, images, args.fid_batch, device, tf32=True)
+    try:
+        theirs = pytorch_fid_model(model).to(device)
+        makers["pytorch-fid"] = lambda: lambda: pytorch_fid_features(theirs, images, args.fid_batch, device)
+    except ImportError:
+        print("pytorch-fid is not installed: no comparison (pip install pytorch-fid)")
+    timed = side_by_side(makers, device, 1, args.repeats, 1)
+    return {key: args.fid_images / sec for key, (sec, _) in timed.items()}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="tiny U-Net (default on CPU)")
+    p.add_argument("--config", choices=["cifar10", "tiny"], default=None,
+                   help="U-Net size: DDPM's CIFAR-10 model or a tiny one; default: cifar10 on CUDA, tiny on CPU")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (128 on CUDA, 8 on CPU)")
     p.add_argument("--sample-batch", type=int, default=None, help="sampling batch (500 on CUDA, 16 on CPU)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd rows (off on CPU)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd rows (CUDA only)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--iters", type=int, default=None, help="training steps per timed repeat")
@@ -140,7 +184,7 @@ def main(argv=None):
     for k, (on_gpu, on_cpu) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, on_gpu if gpu else on_cpu)
-    config = TINY if args.tiny or not gpu else CIFAR10
+    config = {"cifar10": CIFAR10, "tiny": TINY}[args.config or ("cifar10" if gpu else "tiny")]
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if gpu else "CPU"
@@ -148,32 +192,46 @@ def main(argv=None):
     print(f"device: {name}; U-Net ch={config['ch']} ch_mult={config['ch_mult']}; "
           f"train batch {args.batch_size}, sample batch {args.sample_batch}")
 
+    flops = {(smd, step): flops_per_image(config, smd, step) for smd in (False, True) for step in (False, True)}
     rows = []
-    compiles = [False] if args.no_compile or not gpu else [False, True]
-    for compile in compiles:
-        for smd in (False, True):
-            sec, mem = bench_training(config, smd, compile, args, device)
-            flops = flops_per_image(config, smd, train_step=True) * args.batch_size
-            rows.append(dict(task="train step", compile=compile, smd=smd, ms=1e3 * sec,
-                             img_s=args.batch_size / sec, mem_gib=mem, mfu=flops / sec / peak if peak else None))
-    for smd in (False, True):
-        sec, mem = bench_sampling(config, smd, gpu and not args.no_compile, args, device)
-        flops = flops_per_image(config, smd, train_step=False) * args.sample_batch
-        rows.append(dict(task="sample step", compile=gpu and not args.no_compile, smd=smd, ms=1e3 * sec,
-                         img_s=args.sample_batch / sec, mem_gib=mem, mfu=flops / sec / peak if peak else None))
+
+    def add(task, compile, smd, sec, mem, batch):
+        f = flops[smd, task == "train step"]
+        rows.append(dict(task=task, compile=compile, smd=smd, ms=1e3 * sec, img_s=batch / sec, gflops=f / 1e9,
+                         mem_gib=mem, mfu=f * batch / sec / peak if peak else None))
+
+    fast = gpu and not args.no_compile
+    steps = 10   # one sampling call = 10 steps, reported per step
+    t0 = time.time()
+    for compile in [False, True] if fast else [False]:
+        print(f"[{time.time() - t0:5.0f}s] training steps, compile={compile}", flush=True)
+        torch._dynamo.reset()
+        timed = side_by_side({smd: functools.partial(training_step, config, smd, compile, args, device)
+                              for smd in (False, True)}, device, args.warmup, args.repeats, args.iters)
+        for smd, (sec, mem) in timed.items():
+            add("train step", compile, smd, sec, mem, args.batch_size)
+    for compile in [True, "cuda-graph"] if fast else [False]:
+        print(f"[{time.time() - t0:5.0f}s] sampling steps, compile={compile}", flush=True)
+        torch._dynamo.reset()
+        timed = side_by_side({smd: functools.partial(sampling_steps, config, smd, compile, args, device, steps)
+                              for smd in (False, True)}, device, max(1, args.warmup // 2), args.repeats, 1)
+        for smd, (sec, mem) in timed.items():
+            add("sample step", compile, smd, sec / steps, mem, args.sample_batch)
     for r in rows:   # SMD/vanilla time ratio for the same task and compile setting
         base = next(b for b in rows if b["task"] == r["task"] and b["compile"] == r["compile"] and not b["smd"])
         r["smd_ratio"] = r["ms"] / base["ms"]
+    if not args.no_fid:
+        print(f"[{time.time() - t0:5.0f}s] FID features", flush=True)
     fid_img_s = None if args.no_fid else bench_fid(args, device)
 
-    print(f"\n{'task':<12} {'compiled':<9} {'model':<8} {'ms/step':>9} {'img/s':>9} "
-          f"{'SMD/van':>8} {'peak GiB':>9} {'MFU':>6}")
+    print(f"\n{'task':<12} {'compiled':<11} {'model':<8} {'ms/step':>9} {'img/s':>9} {'SMD/van':>8} "
+          f"{'GFLOP/img':>10} {'peak GiB':>9} {'MFU':>6}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{r['task']:<12} {str(r['compile']):<9} {'SMD' if r['smd'] else 'vanilla':<8} "
-              f"{r['ms']:>9.2f} {r['img_s']:>9.1f} {r['smd_ratio']:>8.3f} {r['mem_gib']:>9.2f} {mfu:>6}")
-    if fid_img_s is not None:
-        print(f"FID features (Inception 299x299, fp32, batch {args.fid_batch}): {fid_img_s:.1f} img/s")
+        print(f"{r['task']:<12} {str(r['compile']):<11} {'SMD' if r['smd'] else 'vanilla':<8} {r['ms']:>9.2f} "
+              f"{r['img_s']:>9.1f} {r['smd_ratio']:>8.3f} {r['gflops']:>10.2f} {r['mem_gib']:>9.2f} {mfu:>6}")
+    for k, v in (fid_img_s or {}).items():
+        print(f"FID features (Inception 299x299, batch {args.fid_batch}), {k}: {v:.1f} img/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=name, config=config, args=vars(args), rows=rows, fid_img_s=fid_img_s), f, indent=1)

@@ -92,15 +92,23 @@ def get_parser():
     p.add_argument("--grid", default=None, help="PNG grid of the first 256 images (default samples.png without --npz)")
     p.add_argument("--npz", default=None, help=".npz of all images, uint8 NHWC under 'images' (fid.py's input)")
     p.add_argument("--device", default=None, help="default: cuda if available")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the U-Net; default: on with CUDA")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="compile with mode='reduce-overhead': each step's kernels replay as one CUDA graph")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the U-Net (the chain stays fp32); default: on with CUDA")
     return p
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    compile_, amp = (cuda if v is None else v for v in (args.compile, args.amp))
+    if args.cuda_graph and not cuda:
+        raise SystemExit(f"sample.py: --cuda-graph needs a CUDA device, not {device}")
+    if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         model, diffusion, config = load_checkpoint(args.ckpt, device, ema=not args.no_ema)
@@ -112,10 +120,11 @@ def main(argv=None):
     grid = args.grid or (None if args.npz else "samples.png")
     print(f"{args.ckpt}: {'SMD' if config['smd'] else 'DDPM'} U-Net trained {config['step']} steps on "
           f"{config.get('dataset')}, {'raw' if args.no_ema else 'EMA'} weights | {args.sampler}, "
-          f"{args.steps or diffusion.T} of T={diffusion.T} steps, var {args.var}, seed {args.seed}, n {args.n}", flush=True)
-    net = torch.compile(model) if args.compile else model
+          f"{args.steps or diffusion.T} of T={diffusion.T} steps, var {args.var}, seed {args.seed}, n {args.n}, "
+          f"compile={compile_ or args.cuda_graph}, cuda_graph={args.cuda_graph}, bf16={amp}", flush=True)
+    net = torch.compile(model, mode="reduce-overhead") if args.cuda_graph else torch.compile(model) if compile_ else model
     images = generate(net, diffusion, args.n, args.batch_size, args.steps, args.sampler, args.var, args.ddim_eta,
-                      args.seed, device, args.amp)
+                      args.seed, device, amp)
     if config["smd"]:
         x0 = torch.from_numpy(images[:64]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
         g = torch.Generator(device).manual_seed(args.seed)

@@ -72,6 +72,7 @@ class Diffusion(nn.Module):
         else:
             raise ValueError(f"unknown schedule {schedule!r}: use 'linear' or 'cosine'")
         self.T, self.schedule = T, schedule
+        self.abar_host = abar   # a host copy: the sampler reads its coefficients without a GPU sync
         abar_prev = np.append(1.0, abar[:-1])
         self.register_buffer("alphas_cumprod", torch.from_numpy(abar))
         self.register_buffer("betas", torch.from_numpy(1.0 - abar / abar_prev))
@@ -115,7 +116,7 @@ class Diffusion(nn.Module):
         abar_prev is abar at the next kept step (1 after the last). The respaced chain has
         beta'_t = 1 - abar_t / abar_prev and alpha'_t = 1 - beta'_t."""
         ts = self.timesteps(steps)
-        abar = self.alphas_cumprod.cpu().numpy()[ts]
+        abar = self.abar_host[ts]
         return [(int(t), float(a), float(ap)) for t, a, ap in zip(ts, abar, np.append(abar[1:], 1.0))]
 
     @torch.no_grad()
@@ -127,12 +128,17 @@ class Diffusion(nn.Module):
             raise ValueError(f"sampler={sampler!r}, var={var!r}: use ddpm|ddim and large|small")
         device = device or self.betas.device
         x = x_T if x_T is not None else torch.randn(shape, device=device, dtype=dtype, generator=generator)  # line 1
+        # one allocation per batch for the step's random draws and timestep, refilled in place
+        # every step (the model must not keep them); no host syncs below
+        noise, tt = torch.empty_like(x), torch.empty(x.shape[0], device=x.device, dtype=torch.long)
+        d = _latent_dim(model)
+        eta = torch.empty(x.shape[0], d, device=x.device, dtype=x.dtype) if d else None
         for t, abar, abar_prev in self.step_coefficients(steps):          # line 2
             last = abar_prev == 1.0
-            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)  # line 3
-            eta = _draw_eta(model, x, generator)                          # line 4
-            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps_hat = model(x, tt, eta).to(x.dtype)                       # lines 5-6 in model
+            torch.randn(x.shape, generator=generator, out=noise)          # line 3: eps ~ N(0, I)
+            if eta is not None:
+                torch.randn(eta.shape, generator=generator, out=eta)      # line 4: eta ~ N(0, I)
+            eps_hat = model(x, tt.fill_(t), eta).to(x.dtype)              # lines 5-6 in model
             if sampler == "ddpm":
                 x = self.ddpm_step(x, eps_hat, abar, abar_prev, var, clip_x0)
                 sigma = math.sqrt(self.ddpm_variance(abar, abar_prev, var))
@@ -218,7 +224,7 @@ def modulate(h, mod):
     if mod is None:
         return h
     scale, shift = (m.view(*m.shape, *([1] * (h.dim() - 2))) for m in mod)
-    return h * (1 + scale) + shift
+    return torch.addcmul(shift, h, 1 + scale)   # one pass over h, not two
 
 
 # -----------------------------------------------------------------------------

@@ -9,13 +9,17 @@ import bench
 
 def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    rows, fid_img_s = bench.main(["--device", "cpu", "--tiny", "--warmup", "1", "--repeats", "1", "--iters", "1",
+    rows, fid_img_s = bench.main(["--device", "cpu", "--config", "tiny", "--warmup", "1", "--repeats", "1", "--iters", "1",
                                   "--sample-batch", "4", "--fid-images", "2", "--fid-batch", "2",
                                   "--json", str(out)])
     assert [(r["task"], r["smd"]) for r in rows] == [("train step", False), ("train step", True),
                                                      ("sample step", False), ("sample step", True)]
     assert all(r["ms"] > 0 and r["img_s"] > 0 and r["smd_ratio"] > 0 for r in rows)
     assert rows[0]["smd_ratio"] == 1.0 and rows[2]["smd_ratio"] == 1.0
+    assert rows[0]["gflops"] < rows[1]["gflops"] < 1.01 * rows[0]["gflops"]   # SMD's MLPs: < 1% more FLOPs
+    assert 2.8 < rows[0]["gflops"] / rows[2]["gflops"] < 3.2                    # train = forward + backward
+    if fid_img_s is not None:
+        assert fid_img_s["fid.py"] > 0 and fid_img_s.get("pytorch-fid", 1) > 0
     saved = json.loads(out.read_text())
     assert saved["device"] == "CPU" and len(saved["rows"]) == 4
 

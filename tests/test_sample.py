@@ -56,5 +56,6 @@ def test_clear_errors(tiny_ckpts, tmp_path):
     torch.save(ckpt, tmp_path / "other.pt")
     fails(tmp_path / "other.pt", "do not fit the U-Net")
     fails(tiny_ckpts["ddpm"], r"--steps 200 > T=100", "--steps", "200")
+    fails(tiny_ckpts["ddpm"], "--cuda-graph needs a CUDA device", "--device", "cpu", "--cuda-graph")
     shutil.copy(tiny_ckpts["ddpm"], tmp_path / "ok.pt")   # and a good one still loads
     assert sample.load_checkpoint(str(tmp_path / "ok.pt"))[2]["T"] == 100

@@ -202,7 +202,7 @@ def test_sampler_draws_fresh_eta_every_step():
 
     class Model(RecordingSMD):
         def forward(self, x, t, eta=None):
-            etas.append(eta)
+            etas.append(eta.clone())   # the sampler refills one buffer each step
             return torch.zeros_like(x)
 
     smd.Diffusion().sample(Model(), (2, 3), steps=4)
