@@ -47,17 +47,17 @@ def side_by_side(makers, device, warmup, repeats, iters):
     above what was resident before it was built; then the repeats alternate between them, so
     that their ratio sees the same machine state. Seconds: the median over repeats of the
     mean of `iters` calls."""
-    fns, mem = {}, {}
+    fns, mem, cuda = {}, {}, device.type == "cuda"
     for key, make in makers.items():
         sync(device)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        base = torch.cuda.memory_allocated(device) if cuda else 0
         fns[key] = make()
         for _ in range(warmup):
             fns[key]()
         sync(device)
-        mem[key] = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
+        mem[key] = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if cuda else float("nan")
     times = {key: [] for key in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
