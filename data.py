@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 SYSTEM_DIRS = {"fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}   # Debian's dataset-fashion-mnist
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid's list
 DATASETS = ("cifar10", "mnist", "fashion-mnist")
 
 

@@ -47,7 +47,6 @@ import data  # the datasets as train.py reads them
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
-IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}
 STATS_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "smd", "fid_stats")
 
 # -----------------------------------------------------------------------------
@@ -390,9 +389,9 @@ def load_npz(path):
 
 def image_files(folder):
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                   if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+                   if f.lower().endswith(data.IMAGE_EXTS))
     if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder")
+        raise ValueError(f"{folder}: no images ({' '.join(data.IMAGE_EXTS)}) in this folder")
     return files
 
 
