@@ -114,7 +114,7 @@ def pytorch_fid_model(model):
     """pytorch-fid's own InceptionV3 (its code, NCHW, torch's default TF32 settings) with the
     weights of `model`: the same TF graph its .pth holds, so no download is needed."""
     from pytorch_fid import inception
-    sd = {**model.state_dict(), "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
+    sd = {**model.state_dict(), "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}  # fc: unused by pool_3
     download = inception.load_state_dict_from_url
     inception.load_state_dict_from_url = lambda *a, **k: sd
     try:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+import bench
 import fid
 
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -39,13 +40,10 @@ def model(weights):
 
 @pytest.fixture(scope="module")
 def pfid_model(model):
-    """pytorch-fid's own InceptionV3, given our weights where it would download its .pth."""
-    inception = pytest.importorskip("pytorch_fid.inception")
-    sd = dict(model.state_dict())
-    sd["fc.weight"], sd["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)  # unused by pool_3
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(inception, "load_state_dict_from_url", lambda *a, **k: sd)
-        return inception.InceptionV3([3]).eval()  # strict load: our keys are pytorch-fid's
+    """pytorch-fid's own InceptionV3, given our weights where it would download its .pth
+    (strict load: our keys are pytorch-fid's)."""
+    pytest.importorskip("pytorch_fid.inception")
+    return bench.pytorch_fid_model(model)
 
 
 def structured_images(n, seed, size=32, warm=0.0):
