@@ -15,6 +15,7 @@ peak. Warm-up is excluded; each number is the median of several repeats.
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -24,12 +25,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import fid
-import train
+import inception
+import smd
+from checkpoint import cuda_defaults
+from unet import UNet, UNetConfig
 
-CIFAR10 = dict(image_size=32, channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-               attn_res=(16,), dropout=0.1, latent_dim=64, T=1000, schedule="linear")
-TINY = dict(CIFAR10, ch=32, ch_mult=(1, 2), num_res_blocks=1)
+CONFIGS = {"cifar10": UNetConfig(), "tiny": UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)}
 
 # dense bf16 tensor-core peak (FLOP/s) by device name, from the vendors' data sheets
 BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
@@ -69,12 +70,13 @@ def side_by_side(makers, device, warmup, repeats, iters):
     return {key: (statistics.median(times[key]), mem[key]) for key in fns}
 
 
-def flops_per_image(config, smd, train_step):
+def flops_per_image(config, use_smd, train_step):
     """FLOPs of one image's forward (and backward, for a training step), counted on the CPU."""
-    model = train.build_model(dict(config, smd=smd))
-    x, t = torch.randn(1, config["channels"], config["image_size"], config["image_size"]), torch.tensor([1])
+    model = UNet(dataclasses.replace(config, smd=use_smd))
+    x, t = torch.randn(1, config.channels, config.image_size, config.image_size), torch.tensor([1])
+    eta = torch.randn(1, model.latent_dim) if use_smd else None
     with FlopCounterMode(display=False) as counter:
-        out = model(x, t)
+        out = model(x, t, eta)
         if train_step:
             out.square().mean().backward()
     return counter.get_total_flops()
@@ -88,21 +90,21 @@ def compiled(model, compile):
     return torch.compile(model, mode="reduce-overhead" if compile == "cuda-graph" else "default", dynamic=False)
 
 
-def training_step(config, smd, compile, args, device):
+def training_step(config, use_smd, compile, args, device):
     """A function doing one training step of a fresh U-Net (Alg. 1, backward, AdamW)."""
-    model = train.build_model(dict(config, smd=smd)).to(device, memory_format=torch.channels_last)
-    net, diffusion = compiled(model, compile), train.build_diffusion(config).to(device)
-    opt = train.make_optimizer(model, 2e-4, device)
-    x0 = torch.randn(args.batch_size, config["channels"], config["image_size"], config["image_size"],
+    model = UNet(dataclasses.replace(config, smd=use_smd)).to(device, memory_format=torch.channels_last)
+    net, diffusion = compiled(model, compile), smd.Diffusion().to(device)
+    opt = smd.make_optimizer(model, 2e-4, device)
+    x0 = torch.randn(args.batch_size, config.channels, config.image_size, config.image_size,
                      device=device).to(memory_format=torch.channels_last)
-    return lambda: train.train_step(net, diffusion, opt, x0, amp=device.type == "cuda")
+    return lambda: smd.train_step(net, diffusion, opt, x0, amp=device.type == "cuda")
 
 
-def sampling_steps(config, smd, compile, args, device, steps):
+def sampling_steps(config, use_smd, compile, args, device, steps):
     """A function running `steps` steps of Algorithm 2 (respaced) on a fresh U-Net."""
-    model = train.build_model(dict(config, smd=smd)).to(device, memory_format=torch.channels_last).eval()
-    net, diffusion = compiled(model, compile), train.build_diffusion(config).to(device)
-    shape = (args.sample_batch, config["channels"], config["image_size"], config["image_size"])
+    model = UNet(dataclasses.replace(config, smd=use_smd)).to(device, memory_format=torch.channels_last).eval()
+    net, diffusion = compiled(model, compile), smd.Diffusion().to(device)
+    shape = (args.sample_batch, config.channels, config.image_size, config.image_size)
 
     def run():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -110,32 +112,14 @@ def sampling_steps(config, smd, compile, args, device, steps):
     return run
 
 
-def pytorch_fid_model(model):
-    """pytorch-fid's own InceptionV3 (its code, NCHW, torch's default TF32 settings) with the
-    weights of `model`: the same TF graph its .pth holds, so no download is needed."""
-    from pytorch_fid import inception
-    sd = {**model.state_dict(), "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}  # fc: unused by pool_3
-    download = inception.load_state_dict_from_url
-    inception.load_state_dict_from_url = lambda *a, **k: sd
-    try:
-        return inception.InceptionV3([3]).eval()
-    finally:
-        inception.load_state_dict_from_url = download
-
-
 def pytorch_fid_features(model, images, batch_size, device):
     """As pytorch-fid's get_activations (float [0, 1] NCHW batches in, pool_3 features out),
     under torch's default TF32 settings, which are what a pytorch-fid user runs with."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
     out = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float().div(255)
-                out.append(model(x.to(device))[0].squeeze(3).squeeze(2).cpu().numpy())
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    with inception.allow_tf32(cudnn=True, matmul=False), torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float().div(255)
+            out.append(model(x.to(device))[0].squeeze(3).squeeze(2).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -143,16 +127,16 @@ def bench_fid(args, device):
     """img/s of FID features (299x299 Inception) on the same random 32x32 uint8 images, side
     by side: fid.py in fp32 (and with TF32 on CUDA), and pytorch-fid's model if installed."""
     try:
-        model = fid.load_inception(args.fid_weights, device)
+        model = inception.load_inception(args.fid_weights, device)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"FID benchmark skipped: {e}")
         return None
     images = np.random.default_rng(0).integers(0, 256, (args.fid_images, 32, 32, 3), dtype=np.uint8)
-    makers = {"fid.py": lambda: lambda: fid.features(model, images, args.fid_batch, device)}
+    makers = {"fid.py": lambda: lambda: inception.features(model, images, args.fid_batch, device)}
     if device.type == "cuda":
-        makers["fid.py --tf32"] = lambda: lambda: fid.features(model, images, args.fid_batch, device, tf32=True)
+        makers["fid.py --tf32"] = lambda: lambda: inception.features(model, images, args.fid_batch, device, tf32=True)
     try:
-        theirs = pytorch_fid_model(model).to(device)
+        theirs = inception.pytorch_fid_model(model).to(device)
         makers["pytorch-fid"] = lambda: lambda: pytorch_fid_features(theirs, images, args.fid_batch, device)
     except ImportError:
         print("pytorch-fid is not installed: no comparison (pip install pytorch-fid)")
@@ -184,20 +168,19 @@ def main(argv=None):
     for k, (on_gpu, on_cpu) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, on_gpu if gpu else on_cpu)
-    config = {"cifar10": CIFAR10, "tiny": TINY}[args.config or ("cifar10" if gpu else "tiny")]
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    config = CONFIGS[args.config or ("cifar10" if gpu else "tiny")]
+    cuda_defaults(device)
     name = torch.cuda.get_device_name(device) if gpu else "CPU"
     peak = next((v for k, v in BF16_PEAK.items() if k in name), None) if gpu else None
-    print(f"device: {name}; U-Net ch={config['ch']} ch_mult={config['ch_mult']}; "
+    print(f"device: {name}; U-Net ch={config.ch} ch_mult={config.ch_mult}; "
           f"train batch {args.batch_size}, sample batch {args.sample_batch}")
 
-    flops = {(smd, step): flops_per_image(config, smd, step) for smd in (False, True) for step in (False, True)}
+    flops = {(s, step): flops_per_image(config, s, step) for s in (False, True) for step in (False, True)}
     rows = []
 
-    def add(task, compile, smd, sec, mem, batch):
-        f = flops[smd, task == "train step"]
-        rows.append(dict(task=task, compile=compile, smd=smd, ms=1e3 * sec, img_s=batch / sec, gflops=f / 1e9,
+    def add(task, compile, use_smd, sec, mem, batch):
+        f = flops[use_smd, task == "train step"]
+        rows.append(dict(task=task, compile=compile, smd=use_smd, ms=1e3 * sec, img_s=batch / sec, gflops=f / 1e9,
                          mem_gib=mem, mfu=f * batch / sec / peak if peak else None))
 
     fast = gpu and not args.no_compile
@@ -206,17 +189,17 @@ def main(argv=None):
     for compile in [False, True] if fast else [False]:
         print(f"[{time.time() - t0:5.0f}s] training steps, compile={compile}", flush=True)
         torch._dynamo.reset()
-        timed = side_by_side({smd: functools.partial(training_step, config, smd, compile, args, device)
-                              for smd in (False, True)}, device, args.warmup, args.repeats, args.iters)
-        for smd, (sec, mem) in timed.items():
-            add("train step", compile, smd, sec, mem, args.batch_size)
+        timed = side_by_side({s: functools.partial(training_step, config, s, compile, args, device)
+                              for s in (False, True)}, device, args.warmup, args.repeats, args.iters)
+        for s, (sec, mem) in timed.items():
+            add("train step", compile, s, sec, mem, args.batch_size)
     for compile in [True, "cuda-graph"] if fast else [False]:
         print(f"[{time.time() - t0:5.0f}s] sampling steps, compile={compile}", flush=True)
         torch._dynamo.reset()
-        timed = side_by_side({smd: functools.partial(sampling_steps, config, smd, compile, args, device, steps)
-                              for smd in (False, True)}, device, max(1, args.warmup // 2), args.repeats, 1)
-        for smd, (sec, mem) in timed.items():
-            add("sample step", compile, smd, sec / steps, mem, args.sample_batch)
+        timed = side_by_side({s: functools.partial(sampling_steps, config, s, compile, args, device, steps)
+                              for s in (False, True)}, device, max(1, args.warmup // 2), args.repeats, 1)
+        for s, (sec, mem) in timed.items():
+            add("sample step", compile, s, sec / steps, mem, args.sample_batch)
     for r in rows:   # SMD/vanilla time ratio for the same task and compile setting
         base = next(b for b in rows if b["task"] == r["task"] and b["compile"] == r["compile"] and not b["smd"])
         r["smd_ratio"] = r["ms"] / base["ms"]
@@ -234,7 +217,8 @@ def main(argv=None):
         print(f"FID features (Inception 299x299, batch {args.fid_batch}), {k}: {v:.1f} img/s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=name, config=config, args=vars(args), rows=rows, fid_img_s=fid_img_s), f, indent=1)
+            json.dump(dict(device=name, config=dataclasses.asdict(config), args=vars(args), rows=rows,
+                           fid_img_s=fid_img_s), f, indent=1)
     return rows, fid_img_s
 
 

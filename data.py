@@ -1,16 +1,18 @@
 """
-data.py -- training images as uint8 tensors: CIFAR-10, MNIST, Fashion-MNIST and image folders.
+data.py -- images in and out: training batches from CIFAR-10, MNIST, Fashion-MNIST or an image
+folder, and generated images to disk (uint8 NHWC grids and .npz files, written atomically).
 
 Named datasets are read from torchvision's on-disk formats under --data-dir (downloaded by
 torchvision only when the files are nowhere; Debian's dataset-fashion-mnist is found in
 /usr/share/datasets/fashion-mnist). 28x28 images are zero-padded to 32x32. Any folder of
 images is resized on its shorter side and center-cropped. train.py draws its batches here;
-fid.py reads the same images for reference statistics.
+fid.py reads the same images for reference statistics; sample.py saves through to_uint8.
 
     python -c "import data; print(data.load_images('fashion-mnist', 'data').shape)"
 """
 
 import gzip
+import math
 import os
 import pickle
 import signal
@@ -40,8 +42,8 @@ def download(name, cls, data_dir, where):
         import torchvision   # only here: importing it costs seconds
         getattr(torchvision.datasets, cls)(data_dir, train=True, download=True)
     except Exception as e:
-        raise SystemExit(f"{name}: no data in {where}, and downloading it failed ({type(e).__name__}: {e}). "
-                         f"Put the files in {where} (torchvision's on-disk format), or go online.")
+        raise RuntimeError(f"{name}: no data in {where}, and downloading it failed ({type(e).__name__}: {e}). "
+                           f"Put the files in {where} (torchvision's on-disk format), or go online.") from None
 
 
 def load_mnist_like(name, data_dir, split="train"):
@@ -90,7 +92,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
                             if f.lower().endswith(IMAGE_EXTS))
         if not self.files:
-            raise SystemExit(f"{root}: no images ({' '.join(IMAGE_EXTS)}) found")
+            raise ValueError(f"{root}: no images ({' '.join(IMAGE_EXTS)}) found")
         self.size = size
         self.mode = "L" if Image.open(self.files[0]).mode in ("1", "L", "I", "I;16") else "RGB"
         self.channels = 1 if self.mode == "L" else 3
@@ -117,7 +119,7 @@ def batch_plan(n, batch, rank, world, seed, step, device="cpu"):
     function of (seed, step) only, so a resumed run sees exactly the uninterrupted run's data."""
     per_epoch = n // (batch * world)
     if per_epoch == 0:
-        raise SystemExit(f"{n} images are fewer than one global batch of {batch * world}")
+        raise ValueError(f"{n} images are fewer than one global batch of {batch * world}")
     epoch = None
     while True:
         e, j = divmod(step, per_epoch)
@@ -148,21 +150,58 @@ def folder_batches(dataset, plan, flip, workers, device):
         yield x.to(device, non_blocking=True)
 
 
-def make_batches(args, rank, world, step, device):
-    """(iterator of float batches in [-1, 1] on the device, channels, image size)."""
-    plan = lambda n, dev: batch_plan(n, args.batch_size // world, rank, world, args.seed, step, dev)
-    if args.dataset in DATASETS:
-        if args.image_size not in (None, 32):
-            raise SystemExit(f"{args.dataset} is 32x32 (28x28 is padded); --image-size is for image folders")
-        images = torch.from_numpy(load_images(args.dataset, args.data_dir)).to(device)
-        uint8 = memory_batches(images, plan(len(images), device), args.flip)
+def make_batches(dataset, data_dir, batch_size, image_size=None, flip=True, workers=4, seed=0, step=0,
+                 rank=0, world=1, device="cpu"):
+    """(iterator of float batches in [-1, 1] on the device, channels, image size). batch_size is
+    the global batch, split over `world` ranks; the batches continue the run at `step`."""
+    device = torch.device(device)
+    plan = lambda n, dev: batch_plan(n, batch_size // world, rank, world, seed, step, dev)
+    if dataset in DATASETS:
+        if image_size not in (None, 32):
+            raise ValueError(f"{dataset} is 32x32 (28x28 is padded); --image-size is for image folders")
+        images = torch.from_numpy(load_images(dataset, data_dir)).to(device)
+        uint8 = memory_batches(images, plan(len(images), device), flip)
         channels, size = images.shape[1], 32
-    elif os.path.isdir(args.dataset):
-        data = ImageFolder(args.dataset, args.image_size or 64)
-        uint8 = folder_batches(data, plan(len(data), "cpu"), args.flip, args.workers, device)
-        channels, size = data.channels, data.size
+    elif os.path.isdir(dataset):
+        folder = ImageFolder(dataset, image_size or 64)
+        uint8 = folder_batches(folder, plan(len(folder), "cpu"), flip, workers, device)
+        channels, size = folder.channels, folder.size
     else:
-        raise SystemExit(f"--dataset {args.dataset!r} is neither cifar10|mnist|fashion-mnist nor a folder")
+        raise ValueError(f"--dataset {dataset!r} is neither {'|'.join(DATASETS)} nor a folder of images")
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     floats = (x.float().div(127.5).sub(1).contiguous(memory_format=fmt) for x in uint8)
     return floats, channels, size
+
+# -----------------------------------------------------------------------------
+# images out
+
+
+def to_uint8(x):
+    """[-1, 1] NCHW floats -> uint8 NHWC, exactly as saved on disk (fid.py reads this)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def save_grid(images, path):
+    """uint8 NHWC numpy images -> one PNG grid, as square as possible."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * cols, h, w, c), np.uint8)
+    grid[:n] = images
+    grid = grid.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+def atomic_write(path, write):
+    """write(f) into path + '.tmp', fsync, then os.replace: a crash leaves the old file intact."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_npz(images, path):
+    """images (uint8 NHWC) under the key 'images', written atomically."""
+    atomic_write(path, lambda f: np.savez(f, images=images))

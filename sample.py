@@ -3,55 +3,32 @@ sample.py -- draw images from a checkpoint written by train.py (EMA weights by d
 
     python sample.py --steps 100                             # 64 images, 100 DDPM steps -> samples.png
     python sample.py --n 50000 --batch-size 1000 --npz samples.npz    # paper-style FID input for fid.py
-    python sample.py --sampler ddim --steps 50 --grid ddim.png        # DDIM, deterministic (--ddim-eta 0)
-    python sample.py --ckpt out/ckpt.pt --no-ema --var small --seed 1 --grid raw.png
+    python sample.py --sampler ddim --steps 50 --grid ddim.png        # DDIM (--ddim-eta 0)
+    python sample.py --sampler ddim --steps 50 --fixed-eta            # SMD: deterministic DDIM needs a fixed eta
+    python sample.py --ckpt out/ckpt.pt --no-ema --var small --clip-x0 --seed 1 --grid raw.png
 
 Images are saved as uint8 NHWC, x -> round((x + 1) * 127.5) clamped to [0, 255]; the .npz holds
 them under the key `images`. The same checkpoint, seed and batch size give the same images.
-For SMD checkpoints it also prints the eta-sensitivity (does the model use its latent?).
+For an SMD model Algorithm 2 draws a fresh eta at every step, so even DDIM with --ddim-eta 0 is
+random; --fixed-eta holds one eta per image (or 0) for the whole chain, which makes it
+deterministic and answers "does eta change the samples?". For SMD checkpoints it also prints
+the eta-sensitivity on training images (does the model use its latent, and at which t?).
 """
 
 import argparse
-import os
 import time
 
 import numpy as np
 import torch
 
 import smd
-from train import MODEL_KEYS, build_diffusion, build_model, fmt_time, save_grid, to_uint8
-
-
-def load_checkpoint(path, device="cpu", ema=True):
-    """(model in eval mode, diffusion, config + {'step'}) from a train.py checkpoint, with
-    errors that say what is wrong: missing, unreadable, or not this project's model."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path} (train one with train.py, or pass --ckpt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                           f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
-    key = "ema" if ema else "model"
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or key not in ckpt:
-        found = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a train.py checkpoint: it needs 'config' and '{key}' entries, has {found}")
-    config = ckpt["config"]
-    missing = [k for k in (*MODEL_KEYS, "T", "schedule") if k not in config]
-    if missing:
-        raise ValueError(f"{path}: its config lacks {missing}: a checkpoint of another model?")
-    model, diffusion = build_model(config), build_diffusion(config)
-    try:
-        model.load_state_dict(ckpt[key])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the '{key}' weights do not fit the U-Net its config describes "
-                         f"(a checkpoint of another model?): {' '.join(str(e).split()[6:])[:200]}...") from None
-    return model.to(device).eval(), diffusion.to(device), {**config, "step": ckpt.get("step")}
+from checkpoint import cuda_defaults, fmt_time, load_checkpoint
+from data import make_batches, save_grid, save_npz, to_uint8
 
 
 @torch.no_grad()
 def generate(model, diffusion, n, batch_size=256, steps=None, sampler="ddpm", var="large", ddim_eta=0.0,
-             seed=0, device="cpu", amp=False, progress=True):
+             seed=0, device="cpu", amp=False, progress=True, clip_x0=False, eta_mode="fresh"):
     """n images as uint8 NHWC numpy. One generator seeded with `seed` draws every x_T, noise
     and eta, batch after batch, so the same seed and batch size give the same images. The
     only host sync is the copy of each finished batch."""
@@ -62,7 +39,8 @@ def generate(model, diffusion, n, batch_size=256, steps=None, sampler="ddpm", va
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            x = diffusion.sample(model, (b, *shape), steps, sampler, var, ddim_eta, generator=g, device=device)
+            x = diffusion.sample(model, (b, *shape), steps, sampler, var, ddim_eta, generator=g, device=device,
+                                 clip_x0=clip_x0, eta_mode=eta_mode)
         out.append(to_uint8(x).cpu().numpy())
         if progress:
             done, dt = start + b, time.time() - t0
@@ -70,11 +48,21 @@ def generate(model, diffusion, n, batch_size=256, steps=None, sampler="ddpm", va
     return np.concatenate(out)
 
 
-def save_npz(images, path):
-    """images (uint8 NHWC) under the key 'images', written atomically."""
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, images=images)
-    os.replace(path + ".tmp", path)
+def report_eta_sensitivity(model, diffusion, info, device, seed, n=32):
+    """SMD: does the model use its latent? Measured on n training images (the latent's job is
+    the data's posterior, not the samples'), per t and on average."""
+    try:
+        batches, _, _ = make_batches(info["dataset"], info.get("data_dir", "data"), n, info["image_size"],
+                                     flip=False, workers=0, seed=seed, device=device)
+        x0 = next(batches)
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"eta-sensitivity not measured: the training data is not readable here ({e})")
+        return None
+    g = torch.Generator(device).manual_seed(seed)
+    mean, per_t = smd.eta_sensitivity(model, diffusion, x0, generator=g)
+    print(f"eta-sensitivity {mean:.4f} (std of eps_hat over SMD's eta / std over x_t; 0 = latent unused; "
+          f"{len(x0)} {info['dataset']} images); per t: " + ", ".join(f"{t}: {r:.3f}" for t, r in per_t))
+    return mean, per_t
 
 
 def get_parser():
@@ -85,7 +73,13 @@ def get_parser():
     p.add_argument("--steps", type=int, default=None, help="sampling steps (respaced); default: all T")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     p.add_argument("--var", default="large", choices=["large", "small"], help="DDPM: sigma^2 = beta or beta_tilde")
-    p.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM's eta (0: deterministic); not SMD's eta")
+    p.add_argument("--ddim-eta", type=float, default=0.0,
+                   help="DDIM's eta (0: deterministic for DDPM models; for SMD add --fixed-eta); not SMD's eta")
+    p.add_argument("--clip-x0", action="store_true",
+                   help="step through x0_hat clipped to [-1, 1] (the SMD authors' sampler)")
+    p.add_argument("--fixed-eta", nargs="?", const="fixed", choices=["fixed", "zero"], default=None,
+                   help="SMD: one eta per image for the whole chain (or 'zero': eta = 0) instead of a fresh "
+                        "eta every step (Alg. 2)")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -98,39 +92,37 @@ def get_parser():
                    help="compile with mode='reduce-overhead': each step's kernels replay as one CUDA graph")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for the U-Net (the chain stays fp32); default: on with CUDA")
+    p.add_argument("--eta-sensitivity", type=int, default=32, metavar="N",
+                   help="SMD: measure the eta-sensitivity on N training images (0: skip)")
     return p
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda = device.type == "cuda"
-    compile_, amp = (cuda if v is None else v for v in (args.compile, args.amp))
-    if args.cuda_graph and not cuda:
+    if args.cuda_graph and device.type != "cuda":
         raise SystemExit(f"sample.py: --cuda-graph needs a CUDA device, not {device}")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    compile_, amp = cuda_defaults(device, args.compile, args.amp)
     try:
-        model, diffusion, config = load_checkpoint(args.ckpt, device, ema=not args.no_ema)
+        model, diffusion, info = load_checkpoint(args.ckpt, device, ema=not args.no_ema)
         if args.steps is not None and args.steps > diffusion.T:
             raise ValueError(f"--steps {args.steps} > T={diffusion.T}: this checkpoint's chain has only {diffusion.T} steps")
         diffusion.timesteps(args.steps)   # checks steps >= 2
     except (OSError, RuntimeError, ValueError) as e:
         raise SystemExit(f"sample.py: {e}")
+    if args.fixed_eta and not info["smd"]:
+        print(f"note: --fixed-eta has no effect: {args.ckpt} is not an SMD model")
     grid = args.grid or (None if args.npz else "samples.png")
-    print(f"{args.ckpt}: {'SMD' if config['smd'] else 'DDPM'} U-Net trained {config['step']} steps on "
-          f"{config.get('dataset')}, {'raw' if args.no_ema else 'EMA'} weights | {args.sampler}, "
-          f"{args.steps or diffusion.T} of T={diffusion.T} steps, var {args.var}, seed {args.seed}, n {args.n}, "
-          f"compile={compile_ or args.cuda_graph}, cuda_graph={args.cuda_graph}, bf16={amp}", flush=True)
+    print(f"{args.ckpt}: {'SMD' if info['smd'] else 'DDPM'} U-Net trained {info['step']} steps on "
+          f"{info.get('dataset')}, {'raw' if args.no_ema else 'EMA'} weights | {args.sampler}, "
+          f"{args.steps or diffusion.T} of T={diffusion.T} steps, var {args.var}, clip_x0={args.clip_x0}, "
+          f"eta {args.fixed_eta or 'fresh'}, seed {args.seed}, n {args.n}, compile={compile_ or args.cuda_graph}, "
+          f"cuda_graph={args.cuda_graph}, bf16={amp}", flush=True)
     net = torch.compile(model, mode="reduce-overhead") if args.cuda_graph else torch.compile(model) if compile_ else model
     images = generate(net, diffusion, args.n, args.batch_size, args.steps, args.sampler, args.var, args.ddim_eta,
-                      args.seed, device, amp)
-    if config["smd"]:
-        x0 = torch.from_numpy(images[:64]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-        g = torch.Generator(device).manual_seed(args.seed)
-        s = smd.eta_sensitivity(model, diffusion, x0, generator=g)
-        print(f"eta-sensitivity {s:.4f} (std of eps_hat over SMD's eta / std over x_t, averaged over t; "
-              f"0 = latent unused; measured on {len(x0)} of these samples)")
+                      args.seed, device, amp, clip_x0=args.clip_x0, eta_mode=args.fixed_eta or "fresh")
+    if info["smd"] and args.eta_sensitivity:
+        report_eta_sensitivity(model, diffusion, info, device, args.seed, args.eta_sensitivity)
     if grid:
         save_grid(images[:256], grid)
         print(f"wrote {grid}")

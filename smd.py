@@ -7,7 +7,10 @@ Everything that is math lives here:
   SoftMixture  the latent sampler g_xi(eta, x_t, t) -> z_t and the hypernetwork
                f_phi(z_t, t) -> per-block (scale, shift) of Eq. (11). It knows nothing of
                U-Nets: any denoiser with "blocks" can use it (unet.py, toy.py).
-  eta_sensitivity  does a trained SMD model use its latent at all? (see DESIGN.md)
+  train_step   one full iteration of Algorithm 1 (loss, backward, update) and the EMA.
+  eta_sensitivity  does a trained SMD model use its latent at all? Because eta is independent
+               of (x_0, eps) given x_t, the loss of Algorithm 1 is minimised by an eps_hat that
+               ignores z; whether training finds a use for it is measured, not assumed.
 
 Conventions: images in [-1, 1], NCHW; timesteps are 0-based, index t is the paper's
 step t+1; a model is called as model(x_t, t, eta=None) -> eps_hat. For an SMD model
@@ -31,7 +34,9 @@ import torch.nn.functional as F
 def linear_alphas_cumprod(T):
     """DDPM's linear betas 1e-4 -> 0.02 over 1000 steps. A chain of T != 1000 steps keeps
     abar at T evenly spaced indices of the 1000-step chain (both ends included), so that
-    beta_t = 1 - abar_t / abar_{t-1} stays in (0, 1) for any T (DESIGN.md)."""
+    beta_t = 1 - abar_t / abar_{t-1} stays in (0, 1) for any T and the chain still ends at
+    DDPM's abar_T ~ 4e-5 (pure noise). Scaling both ends of the betas by 1000/T instead, as the
+    SMD authors' code does, gives beta > 1 for T < 20."""
     abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
     return abar[np.round(np.linspace(0, 999, T)).astype(np.int64)]
 
@@ -121,22 +126,27 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, model, shape, steps=None, sampler="ddpm", var="large", ddim_eta=0.0,
-               x_T=None, generator=None, clip_x0=False, device=None, dtype=torch.float32):
+               x_T=None, generator=None, clip_x0=False, device=None, dtype=torch.float32, eta_mode="fresh"):
         """Algorithm 2 (sampler="ddpm") or DDIM (sampler="ddim") over the kept timesteps;
-        returns x_0 clamped to [-1, 1]."""
-        if sampler not in ("ddpm", "ddim") or var not in ("large", "small"):
-            raise ValueError(f"sampler={sampler!r}, var={var!r}: use ddpm|ddim and large|small")
+        returns x_0 clamped to [-1, 1]. eta_mode (SMD models only): "fresh" draws a new eta at
+        every step (Alg. 2 line 4); "fixed" draws one per image for the whole chain; "zero"
+        holds eta = 0. With "fixed" or "zero", DDIM at ddim_eta = 0 is deterministic given x_T."""
+        if sampler not in ("ddpm", "ddim") or var not in ("large", "small") or eta_mode not in ("fresh", "fixed", "zero"):
+            raise ValueError(f"sampler={sampler!r}, var={var!r}, eta_mode={eta_mode!r}: use ddpm|ddim, large|small "
+                             f"and fresh|fixed|zero")
         device = device or self.betas.device
         x = x_T if x_T is not None else torch.randn(shape, device=device, dtype=dtype, generator=generator)  # line 1
         # one allocation per batch for the step's random draws and timestep, refilled in place
         # every step (the model must not keep them); no host syncs below
         noise, tt = torch.empty_like(x), torch.empty(x.shape[0], device=x.device, dtype=torch.long)
         d = _latent_dim(model)
-        eta = torch.empty(x.shape[0], d, device=x.device, dtype=x.dtype) if d else None
+        eta = torch.zeros(x.shape[0], d, device=x.device, dtype=x.dtype) if d else None
+        if eta is not None and eta_mode == "fixed":
+            torch.randn(eta.shape, generator=generator, out=eta)          # one eta per image
         for t, abar, abar_prev in self.step_coefficients(steps):          # line 2
             last = abar_prev == 1.0
             torch.randn(x.shape, generator=generator, out=noise)          # line 3: eps ~ N(0, I)
-            if eta is not None:
+            if eta is not None and eta_mode == "fresh":
                 torch.randn(eta.shape, generator=generator, out=eta)      # line 4: eta ~ N(0, I)
             eps_hat = model(x, tt.fill_(t), eta).to(x.dtype)              # lines 5-6 in model
             if sampler == "ddpm":
@@ -175,6 +185,40 @@ class Diffusion(nn.Module):
             eps_hat = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
         sigma = ddim_eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
         return math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps_hat, sigma
+
+
+# -----------------------------------------------------------------------------
+# Algorithm 1 as a whole: loss, backward, update (line 9), and the EMA of the weights
+
+
+def make_optimizer(model, lr, device, weight_decay=0.0):
+    """AdamW as DDPM's Adam (no weight decay by default); fused kernels on CUDA."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                             fused=torch.device(device).type == "cuda")
+
+
+def train_step(net, diffusion, optimizer, x0, eta_samples=1, grad_clip=1.0, amp=False):
+    """One update on a batch: Alg. 1's loss, backward, grad-norm clip, AdamW step. Returns the
+    loss as a device tensor: nothing here waits for the GPU."""
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = diffusion.loss(net, x0, eta_samples)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+def ema_decay(n, max_decay=0.9999):
+    """EMA decay after n updates, warmed up so early checkpoints are not the initialisation."""
+    return min(max_decay, (1 + n) / (10 + n))
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    """ema = lerp(ema, p, 1 - decay) for all parameters in one foreach kernel."""
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
 # -----------------------------------------------------------------------------
@@ -233,14 +277,16 @@ def modulate(h, mod):
 
 @torch.no_grad()
 def eta_sensitivity(model, diffusion, x0, n_eta=8, n_t=10, generator=None):
-    """std of eps_hat over eta at fixed (x_t, t), divided by the std of the eta-averaged
-    eps_hat over x_t, averaged over n_t evenly spaced t. 0 means the latent is unused
-    (always 0 for a vanilla model). x0: a batch of data (at least 2 examples)."""
+    """(mean, [(t, ratio), ...]): at each of n_t evenly spaced t, the std of eps_hat over eta at
+    fixed (x_t, t) divided by the std over x_t of its eta-average; the mean is over t. 0 means
+    the latent is unused (always for a vanilla model); a latent used at a few t only shows in
+    the list. x0: a batch of data (at least 2 examples), not generated samples."""
     d = _latent_dim(model)
+    ts = np.linspace(0, diffusion.T - 1, n_t).round().astype(np.int64)
     if d == 0:
-        return 0.0
-    B, ratios = x0.shape[0], []
-    for t in np.linspace(0, diffusion.T - 1, n_t).round().astype(np.int64):
+        return 0.0, [(int(t), 0.0) for t in ts]
+    B, per_t = x0.shape[0], []
+    for t in ts:
         tt = torch.full((B,), int(t), device=x0.device, dtype=torch.long)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = diffusion.q_sample(x0, tt, eps)
@@ -249,5 +295,5 @@ def eta_sensitivity(model, diffusion, x0, n_eta=8, n_t=10, generator=None):
         e = e.view(n_eta, *x0.shape)
         within = e.std(0).mean()            # spread over eta at fixed x_t
         between = e.mean(0).std(0).mean()   # spread over x_t of the eta-average
-        ratios.append((within / between.clamp_min(1e-12)).item())
-    return float(np.mean(ratios))
+        per_t.append((int(t), (within / between.clamp_min(1e-12)).item()))
+    return float(np.mean([r for _, r in per_t])), per_t

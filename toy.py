@@ -243,7 +243,7 @@ def run(args, seed):
         final_loss = train(model, diffusion, args, objective)
         model.eval()
         info[name] = dict(params=n_params(model), loss=final_loss, train_s=time.time() - t0,
-                          eta_sensitivity=smd.eta_sensitivity(model, diffusion, sample_data(1000).float())
+                          eta_sensitivity=smd.eta_sensitivity(model, diffusion, sample_data(1000).float())[0]
                           if model.latent_dim else 0.0)
         print(f"seed {seed} {name}: {info[name]['params']:,} params, final loss {final_loss:.4f} ({objective}), "
               f"eta-sensitivity {info[name]['eta_sensitivity']:.4f}, {info[name]['train_s']:.0f}s")

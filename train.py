@@ -18,23 +18,24 @@ bf16 autocast with TF32, channels_last, torch.compile and fused AdamW; in-memory
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import signal
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import smd
-import unet
-from data import make_batches
+from checkpoint import (MODEL_FIELDS, build_diffusion, cuda_defaults, fmt_time, model_config, read_checkpoint,
+                        save_checkpoint)
+from data import make_batches, save_grid, to_uint8
+from unet import UNet, UNetConfig
 
-MODEL_KEYS = ("image_size", "channels", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout", "smd", "latent_dim")
-FIXED_ON_RESUME = ("dataset", "T", "schedule", *MODEL_KEYS)   # what --resume may not change
+RUN_FIXED = ("dataset", "T", "schedule")   # with the model's fields: what --resume may not change
+MACHINE = ("resume", "out_dir", "device", "compile", "amp", "workers")   # never taken from a checkpoint
 
 
 def int_tuple(s):
@@ -49,13 +50,15 @@ def get_parser():
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: on, off for mnist)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers (image folders)")
-    p.add_argument("--ch", type=int, default=128)
+    # the network: unet.UNetConfig's fields, with its defaults
+    p.add_argument("--ch", type=int, default=UNetConfig.ch)
     p.add_argument("--ch-mult", type=int_tuple, default=None, help="e.g. 1,2,2,2 (default: by image size)")
-    p.add_argument("--num-res-blocks", type=int, default=2)
-    p.add_argument("--attn-res", type=int_tuple, default=(16,), help='resolutions with attention, "" for none')
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--num-res-blocks", type=int, default=UNetConfig.num_res_blocks)
+    p.add_argument("--attn-res", type=int_tuple, default=UNetConfig.attn_res, help='resolutions with attention, "" for none')
+    p.add_argument("--dropout", type=float, default=UNetConfig.dropout)
     p.add_argument("--smd", action="store_true", help="Soft Mixture Denoising (else plain DDPM)")
-    p.add_argument("--latent-dim", type=int, default=64, help="SMD: dimension of eta and z_t")
+    p.add_argument("--latent-dim", type=int, default=UNetConfig.latent_dim, help="SMD: dimension of eta and z_t")
+    # the chain and the optimisation
     p.add_argument("--eta-samples", type=int, default=1, help="SMD: etas per example in the loss (Sec. 5.4)")
     p.add_argument("--T", type=int, default=1000, help="diffusion steps")
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
@@ -67,6 +70,7 @@ def get_parser():
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--max-steps", type=int, default=800_000)
     p.add_argument("--seed", type=int, default=0)
+    # the machine and the output
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; default: on with CUDA")
@@ -88,87 +92,28 @@ def explicit_args(argv):
     return vars(p.parse_args(argv))
 
 # -----------------------------------------------------------------------------
-# model, optimiser, one training step, EMA (plain functions bench.py reuses)
+# resume
 
 
-def build_model(config):
-    """The UNet a config (dict or argparse.Namespace) describes."""
-    c = config if isinstance(config, dict) else vars(config)
-    return unet.UNet(**{k: c[k] for k in MODEL_KEYS})
-
-
-def build_diffusion(config):
-    c = config if isinstance(config, dict) else vars(config)
-    return smd.Diffusion(c["T"], c["schedule"])
-
-
-def make_optimizer(model, lr, device, weight_decay=0.0):
-    """AdamW as DDPM's Adam (no weight decay by default); fused kernels on CUDA."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
-                             fused=torch.device(device).type == "cuda")
-
-
-def train_step(net, diffusion, optimizer, x0, eta_samples=1, grad_clip=1.0, amp=False):
-    """One update on a batch: Alg. 1's loss, backward, grad-norm clip, AdamW step. Returns the
-    loss as a device tensor: nothing here waits for the GPU."""
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=amp):
-        loss = diffusion.loss(net, x0, eta_samples)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-    optimizer.step()
-    return loss.detach()
-
-
-def ema_decay(n, max_decay=0.9999):
-    """EMA decay after n updates, warmed up so early checkpoints are not the initialisation."""
-    return min(max_decay, (1 + n) / (10 + n))
-
-
-@torch.no_grad()
-def ema_update(ema_params, params, decay):
-    """ema = lerp(ema, p, 1 - decay) for all parameters in one foreach kernel."""
-    torch._foreach_lerp_(ema_params, params, 1 - decay)
-
-
-def to_uint8(x):
-    """[-1, 1] NCHW floats -> uint8 NHWC, exactly as saved on disk (fid.py reads this)."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def save_grid(images, path):
-    """uint8 NHWC numpy images -> one PNG grid, as square as possible."""
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * cols, h, w, c), np.uint8)
-    grid[:n] = images
-    grid = grid.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-
-def save_checkpoint(ckpt, path):
-    """Write to a temp file, fsync, then os.replace: a crash leaves the old file intact."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def rng_states(device, world, gather):
-    """This process's RNG states; under DDP a list over ranks (gathered unless `gather` is off)."""
-    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-    if world == 1 or not gather:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
-    return states
+def resume(args, explicit, path):
+    """(checkpoint, its UNetConfig) for --resume. The run keeps the checkpoint's network, data
+    and chain, and takes its other settings unless flags say otherwise; a flag that would
+    change the network, the data or the chain stops the run with a message."""
+    try:
+        ckpt = read_checkpoint(path, need=("config", "model", "ema", "optimizer", "step", "rng"))
+        cfg = model_config(ckpt)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"train.py: --resume: {e}")
+    fixed = {**{k: ckpt["config"][k] for k in RUN_FIXED}, **dataclasses.asdict(cfg)}
+    bad = [f"--{k.replace('_', '-')} {explicit[k]!r} (checkpoint: {fixed[k]!r})"
+           for k in fixed if k in explicit and explicit[k] != fixed[k]]
+    if bad:
+        raise SystemExit(f"train.py: --resume: this run contradicts {path}: {'; '.join(bad)}. Drop these flags "
+                         f"to continue that run, or start a new one in another --out-dir.")
+    for k, v in ckpt["config"].items():
+        if k not in explicit and k not in MACHINE:
+            setattr(args, k, v)
+    return ckpt, cfg
 
 
 def restore_rng(states, rank, world, seed, step):
@@ -179,30 +124,8 @@ def restore_rng(states, rank, world, seed, step):
     if states[rank]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(states[rank]["cuda"])
 
-
-def resume_config(args, explicit, path):
-    """Load ckpt.pt for --resume. The run takes the checkpoint's config (bar the machine's own
-    settings) except where flags say otherwise; flags that would change the model or the data
-    stop the run with a message, never a silent restart."""
-    if not os.path.exists(path):
-        raise SystemExit(f"train.py: --resume: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        config = ckpt["config"]
-    except Exception as e:
-        raise SystemExit(f"train.py: --resume: cannot read {path} ({type(e).__name__}: {e})")
-    bad = [f"--{k.replace('_', '-')} {explicit[k]!r} (checkpoint: {config[k]!r})"
-           for k in FIXED_ON_RESUME if k in explicit and explicit[k] != config[k]]
-    if bad:
-        raise SystemExit(f"train.py: --resume: this run contradicts {path}: {'; '.join(bad)}. Drop these flags "
-                         f"to continue that run, or start a new one in another --out-dir.")
-    for k, v in config.items():
-        if k not in explicit and k not in ("resume", "out_dir", "channels", "device", "compile", "amp", "workers"):
-            setattr(args, k, v)
-    return ckpt
-
 # -----------------------------------------------------------------------------
-# the training loop
+# the loop's pieces: processes, signals, logging, the loss check, saving
 
 
 def setup_distributed(device_arg):
@@ -230,43 +153,94 @@ def stop_flag():
     return stop, {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+def log(msg, out_dir):
+    print(msg, flush=True)
+    with open(os.path.join(out_dir, "log.txt"), "a") as f:
+        f.write(msg + "\n")
+
+
+def mean_loss(loss_sum, first_bad, n, world, saved, ckpt_path, reduce=True):
+    """The one host sync: the mean loss over the last n steps (over all ranks if `reduce`);
+    stops the run on a NaN/inf loss, naming its step and the last good checkpoint."""
+    s, b = loss_sum.clone(), first_bad.clone()
+    if world > 1 and reduce:
+        dist.all_reduce(s)
+        dist.all_reduce(b, op=dist.ReduceOp.MIN)
+    s, b = torch.stack([s, b]).tolist()
+    if math.isfinite(b):
+        last = f"the last good checkpoint is {ckpt_path} (step {saved})" if saved else "no checkpoint was written"
+        raise SystemExit(f"train.py: non-finite loss at step {int(b)}; stopping without saving: {last}.")
+    return s / max(n, 1) / (world if reduce else 1)
+
+
+def rng_states(device, world, gather):
+    """This process's RNG states; under DDP a list over ranks (gathered unless `gather` is off)."""
+    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+    if world == 1 or not gather:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save(path, model, ema, optimizer, step, meta, device, world, master, gather=True):
+    """Refuse non-finite weights, copy the model's buffers into the EMA (which averages
+    parameters only), collect the RNG states and, on rank 0, write the checkpoint atomically.
+    meta: {'config': ..., 'model_config': ...}. Returns the step saved."""
+    params = [*model.parameters(), *ema.parameters()]
+    if not torch.stack([torch.isfinite(p).all() for p in params]).all().item():
+        raise SystemExit(f"train.py: non-finite parameters at step {step}; stopping without saving.")
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+    rng = rng_states(device, world, gather)
+    if master:
+        save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                         "step": step, "rng": rng, **meta}, path)
+        log(f"saved {path} at step {step}", os.path.dirname(path))
+    return step
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
+    # -- processes and the machine ---------------------------------------------------
     args, explicit = get_parser().parse_args(argv), explicit_args(argv)
     rank, local_rank, world, device = setup_distributed(args.device)
     master, cuda = rank == 0, device.type == "cuda"
+    compile_, amp = cuda_defaults(device, args.compile, args.amp)
+
+    # -- a new run, or the checkpoint's ----------------------------------------------
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = resume_config(args, explicit, ckpt_path) if args.resume else None
+    ckpt, cfg = resume(args, explicit, ckpt_path) if args.resume else (None, None)
     if ckpt is None and os.path.exists(ckpt_path):
         raise SystemExit(f"train.py: {ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
     if args.batch_size % world:
         raise SystemExit(f"train.py: --batch-size {args.batch_size} is not divisible by {world} ranks")
-    compile_, amp = (cuda if v is None else v for v in (args.compile, args.amp))
     args.flip = args.dataset != "mnist" if args.flip is None else args.flip
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     step = ckpt["step"] if ckpt else 0
 
+    # -- data: the batches continue where the run stopped ----------------------------
     if world > 1 and not master:
         dist.barrier()   # rank 0 downloads first
-    data, channels, image_size = make_batches(args, rank, world, step, device)
+    try:
+        data, channels, image_size = make_batches(args.dataset, args.data_dir, args.batch_size,
+                                                  cfg.image_size if cfg else args.image_size, args.flip, args.workers,
+                                                  args.seed, step, rank, world, device)
+        if cfg and cfg.channels != channels:
+            raise ValueError(f"--resume: the data has {channels} channels, the checkpoint's model takes {cfg.channels}")
+        cfg = cfg or UNetConfig(image_size=image_size, channels=channels,
+                                **{k: v for k, v in vars(args).items() if k in MODEL_FIELDS and k != "image_size"})
+    except (OSError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"train.py: {e}")
     if world > 1 and master:
         dist.barrier()
-    ch_mult = tuple(args.ch_mult or unet.DEFAULT_CH_MULT.get(image_size, ()))
-    config = {**vars(args), "image_size": image_size, "channels": channels, "ch_mult": ch_mult}
-    if ckpt and ckpt["config"]["channels"] != channels:
-        raise SystemExit(f"train.py: --resume: the data has {channels} channels, the checkpoint's model takes "
-                         f"{ckpt['config']['channels']}")
 
+    # -- model, EMA, optimiser ---------------------------------------------------------
     torch.manual_seed(args.seed)   # the same initial weights on every rank
-    model = build_model(config).to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
-    diffusion = build_diffusion(config).to(device)
+    model = UNet(cfg).to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    diffusion = build_diffusion(vars(args)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = make_optimizer(model, args.lr, device, args.weight_decay)
+    optimizer = smd.make_optimizer(model, args.lr, device, args.weight_decay)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -280,46 +254,17 @@ def main(argv=None):
     net = torch.compile(model) if compile_ else model
     if world > 1:
         net = DDP(net, device_ids=[local_rank] if cuda else None)
+    config = {k: v for k, v in vars(args).items() if k not in MODEL_FIELDS}
+    meta = {"config": config, "model_config": dataclasses.asdict(cfg)}
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
-        n_params = sum(p.numel() for p in params)
-        print(f"{'SMD' if args.smd else 'DDPM'} U-Net, {n_params:,} parameters, {args.dataset} "
+        print(f"{'SMD' if cfg.smd else 'DDPM'} U-Net, {sum(p.numel() for p in params):,} parameters, {args.dataset} "
               f"{channels}x{image_size}x{image_size}, batch {args.batch_size} on {world} x {device}, "
               f"compile={compile_}, bf16={amp}", flush=True)
 
-    def log(msg):
-        if master:
-            print(msg, flush=True)
-            with open(os.path.join(args.out_dir, "log.txt"), "a") as f:
-                f.write(msg + "\n")
-
-    def check_finite(reduce=True):
-        """The one host sync: mean loss since the last log; stop on NaN/inf naming the step."""
-        s, b = loss_sum.clone(), first_bad.clone()
-        if world > 1 and reduce:
-            dist.all_reduce(s)
-            dist.all_reduce(b, op=dist.ReduceOp.MIN)
-        s, b = torch.stack([s, b]).tolist()
-        if math.isfinite(b):
-            last = f"the last good checkpoint is {ckpt_path} (step {saved})" if saved else "no checkpoint was written"
-            raise SystemExit(f"train.py: non-finite loss at step {int(b)}; stopping without saving: {last}.")
-        return s / max(n_window, 1) / (world if reduce else 1)
-
-    def save(gather=True):
-        finite = torch.stack([torch.isfinite(p).all() for p in params + ema_params]).all().item()
-        if not finite:
-            raise SystemExit(f"train.py: non-finite parameters at step {step}; stopping without saving.")
-        for b_ema, b in zip(ema.buffers(), model.buffers()):   # EMA averages parameters only
-            b_ema.copy_(b)
-        rng = rng_states(device, world, gather)
-        if master:
-            save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                             "step": step, "config": config, "rng": rng}, ckpt_path)
-            log(f"saved {ckpt_path} at step {step}")
-        return step
-
+    # -- train: Algorithm 1, EMA, then log / sample / save on their schedules ----------
     loss_sum = torch.zeros((), device=device)
-    first_bad = torch.full((), math.inf, device=device)
+    first_bad = torch.full((), math.inf, device=device)   # the first step with a non-finite loss
     n_window, t0, saved, losses = 0, time.time(), step if ckpt else None, []
     stop, old_handlers = stop_flag()
     try:
@@ -327,8 +272,8 @@ def main(argv=None):
             x0 = next(data)
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
-            loss = train_step(net, diffusion, optimizer, x0, args.eta_samples, args.grad_clip, amp)
-            ema_update(ema_params, params, ema_decay(step, args.ema_decay))
+            loss = smd.train_step(net, diffusion, optimizer, x0, args.eta_samples, args.grad_clip, amp)
+            smd.ema_update(ema_params, params, smd.ema_decay(step, args.ema_decay))
             step += 1
             n_window += 1
             loss_sum += loss
@@ -337,12 +282,14 @@ def main(argv=None):
             log_now = step % args.log_every == 0 or step == args.max_steps
             ckpt_now = step % args.ckpt_every == 0 or step == args.max_steps
             if log_now or ckpt_now:
-                mean_loss = check_finite()
+                loss_mean = mean_loss(loss_sum, first_bad, n_window, world, saved, ckpt_path)
             if log_now:
                 dt = (time.time() - t0) / n_window
-                losses.append((step, mean_loss))
-                log(f"step {step}/{args.max_steps} | loss {mean_loss:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-                    f"{1000 * dt:.1f} ms/step | {args.batch_size / dt:.0f} img/s | ETA {fmt_time(dt * (args.max_steps - step))}")
+                losses.append((step, loss_mean))
+                if master:
+                    log(f"step {step}/{args.max_steps} | loss {loss_mean:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
+                        f"{1000 * dt:.1f} ms/step | {args.batch_size / dt:.0f} img/s | "
+                        f"ETA {fmt_time(dt * (args.max_steps - step))}", args.out_dir)
                 loss_sum.zero_()
                 n_window, t0 = 0, time.time()
             if master and args.sample_every and step % args.sample_every == 0:
@@ -352,16 +299,17 @@ def main(argv=None):
                                          min(args.sample_steps, args.T), generator=g, device=device)
                 save_grid(to_uint8(x).cpu().numpy(), os.path.join(args.out_dir, f"samples_{step:07d}.png"))
             if ckpt_now:
-                saved = save()
+                saved = save(ckpt_path, model, ema, optimizer, step, meta, device, world, master)
         if stop and saved != step:   # Ctrl-C: ranks may be a step apart, so no collectives
-            check_finite(reduce=False)
-            saved = save(gather=False)
+            mean_loss(loss_sum, first_bad, n_window, world, saved, ckpt_path, reduce=False)
+            saved = save(ckpt_path, model, ema, optimizer, step, meta, device, world, master, gather=False)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         if world > 1:
             dist.destroy_process_group()
-    return {"model": model, "ema": ema, "optimizer": optimizer, "step": step, "losses": losses, "config": config}
+    return {"model": model, "ema": ema, "optimizer": optimizer, "step": step, "losses": losses,
+            "config": config, "model_config": cfg}
 
 
 if __name__ == "__main__":

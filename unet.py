@@ -1,16 +1,17 @@
 """
 unet.py -- the DDPM U-Net (Ho et al. 2020), optionally with Soft Mixture Denoising.
 
-UNet() with no arguments is DDPM's CIFAR-10 network (ch=128, ch_mult (1,2,2,2), 2
-ResBlocks per level, attention at 16x16 and in the middle, dropout 0.1): 35.7M parameters.
-UNet(smd=True) adds a smd.SoftMixture: the pooled encoder bottleneck feeds g_xi, and
+UNet(UNetConfig()) is DDPM's CIFAR-10 network (ch=128, ch_mult (1,2,2,2), 2 ResBlocks per
+level, attention at 16x16 and in the middle, dropout 0.1): 35,746,307 parameters.
+UNetConfig(smd=True) adds a smd.SoftMixture: the pooled encoder bottleneck feeds g_xi, and
 f_phi's (scale, shift) modulate the GroupNorm before the second conv of every middle and
 decoder ResBlock (Eq. 11: theta_hat = theta u f_phi(z_t, t)).
 
-    python unet.py              # prints the parameter counts of the CIFAR-10 models
+    python unet.py              # parameter counts of the CIFAR-10 models, and the matched control
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -19,6 +20,33 @@ import torch.nn.functional as F
 from smd import SoftMixture, modulate, timestep_embedding
 
 DEFAULT_CH_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
+
+
+@dataclass
+class UNetConfig:
+    """Everything that fixes the network's shape; a checkpoint stores it (checkpoint.py)."""
+    image_size: int = 32
+    channels: int = 3
+    ch: int = 128
+    ch_mult: tuple = None        # None: DEFAULT_CH_MULT[image_size]
+    num_res_blocks: int = 2
+    attn_res: tuple = (16,)      # resolutions with self-attention
+    dropout: float = 0.1
+    smd: bool = False            # Soft Mixture Denoising: g_xi and f_phi (smd.SoftMixture)
+    latent_dim: int = 64         # SMD: dimension of eta and z_t
+    norm_eps: float = 1e-6       # GroupNorm epsilon, DDPM's (TF's); checkpoints before it had 1e-5
+    tf_downsample: bool = True   # pad right/bottom before the stride-2 conv, as TF's 'SAME' in DDPM;
+                                 # False: pad 1 on every side (checkpoints written before this field)
+
+    def __post_init__(self):
+        if self.ch_mult is None:
+            if self.image_size not in DEFAULT_CH_MULT:
+                raise ValueError(f"image_size={self.image_size}: give ch_mult, or use one of {sorted(DEFAULT_CH_MULT)}")
+            self.ch_mult = DEFAULT_CH_MULT[self.image_size]
+        self.ch_mult, self.attn_res = tuple(self.ch_mult), tuple(self.attn_res)
+        if self.image_size % 2 ** (len(self.ch_mult) - 1):
+            raise ValueError(f"image_size={self.image_size} is not divisible by 2^{len(self.ch_mult) - 1} "
+                             f"(ch_mult={self.ch_mult})")
 
 
 def norm(ch):
@@ -61,12 +89,14 @@ class Attention(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch):
+    """Stride-2 3x3 conv. DDPM (TF, padding 'SAME') pads one row/column at the bottom/right only."""
+    def __init__(self, ch, tf_pad=True):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.tf_pad = tf_pad
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if tf_pad else 1)
 
     def forward(self, x, temb=None):
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.tf_pad else x)
 
 
 class Upsample(nn.Module):
@@ -79,82 +109,81 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, image_size=32, channels=3, ch=128, ch_mult=None, num_res_blocks=2,
-                 attn_res=(16,), dropout=0.1, smd=False, latent_dim=64):
+    def __init__(self, config=None):
         super().__init__()
-        if image_size not in DEFAULT_CH_MULT and ch_mult is None:
-            raise ValueError(f"image_size={image_size}: give ch_mult, or use one of {sorted(DEFAULT_CH_MULT)}")
-        ch_mult = tuple(ch_mult or DEFAULT_CH_MULT[image_size])
-        if image_size % 2 ** (len(ch_mult) - 1):
-            raise ValueError(f"image_size={image_size} is not divisible by 2^{len(ch_mult) - 1} (ch_mult={ch_mult})")
-        self.image_size, self.channels, self.ch = image_size, channels, ch
-        self.latent_dim = latent_dim if smd else 0
-        temb_dim = 4 * ch
-        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
-        self.conv_in = nn.Conv2d(channels, ch, 3, padding=1)
+        self.config = c = config or UNetConfig()
+        self.image_size, self.channels = c.image_size, c.channels
+        self.latent_dim = c.latent_dim if c.smd else 0   # smd.Diffusion draws eta of this size
+        temb_dim = 4 * c.ch
+        self.temb = nn.Sequential(nn.Linear(c.ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(c.channels, c.ch, 3, padding=1)
 
         # encoder: remember each output's channels for the skip connections
-        self.down, skips, c, res = nn.ModuleList(), [ch], ch, image_size
-        for level, mult in enumerate(ch_mult):
-            for _ in range(num_res_blocks):
-                self.down.append(ResBlock(c, ch * mult, temb_dim, dropout, attn=res in attn_res))
-                c = ch * mult
-                skips.append(c)
-            if level != len(ch_mult) - 1:
-                self.down.append(Downsample(c))
-                skips.append(c)
+        self.down, skips, ch, res = nn.ModuleList(), [c.ch], c.ch, c.image_size
+        for level, mult in enumerate(c.ch_mult):
+            for _ in range(c.num_res_blocks):
+                self.down.append(ResBlock(ch, c.ch * mult, temb_dim, c.dropout, attn=res in c.attn_res))
+                ch = c.ch * mult
+                skips.append(ch)
+            if level != len(c.ch_mult) - 1:
+                self.down.append(Downsample(ch, c.tf_downsample))
+                skips.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(c, c, temb_dim, dropout, attn=True),
-                                  ResBlock(c, c, temb_dim, dropout)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, temb_dim, c.dropout, attn=True),
+                                  ResBlock(ch, ch, temb_dim, c.dropout)])
         # decoder: num_res_blocks + 1 ResBlocks per level, each eating one skip
         self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(ch_mult))):
-            for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(c + skips.pop(), ch * mult, temb_dim, dropout, attn=res in attn_res))
-                c = ch * mult
+        for level, mult in reversed(list(enumerate(c.ch_mult))):
+            for _ in range(c.num_res_blocks + 1):
+                self.up.append(ResBlock(ch + skips.pop(), c.ch * mult, temb_dim, c.dropout, attn=res in c.attn_res))
+                ch = c.ch * mult
             if level != 0:
-                self.up.append(Upsample(c))
+                self.up.append(Upsample(ch))
                 res *= 2
-        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, channels, 3, padding=1))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, c.channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
+        for m in self.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.eps = c.norm_eps
 
-        # SMD: the middle and decoder ResBlocks are modulated by f_phi
+        # SMD: f_phi modulates the middle and decoder ResBlocks; `modulated` indexes them in mid + up
+        layers = [*self.mid, *self.up]
+        self.modulated = [i for i, m in enumerate(layers) if isinstance(m, ResBlock)]
         self.mixture = None
-        if smd:
-            modulated = [m.conv2.out_channels for m in [*self.mid, *self.up] if isinstance(m, ResBlock)]
-            self.mixture = SoftMixture(latent_dim, feat_dim=self.mid[0].conv1.in_channels,
-                                       temb_dim=temb_dim, block_channels=modulated, hidden=temb_dim)
-
-    def modulations(self, h, temb, eta):
-        """Alg. 1 lines 6-7: z_t = g_xi(eta, x_t, t) from the pooled bottleneck, then
-        f_phi(z_t, t). Yields one (scale, shift) per modulated block (None if vanilla)."""
-        if self.mixture is None:
-            return iter(lambda: None, 0)   # endless Nones
-        if eta is None:
-            eta = torch.randn(h.shape[0], self.latent_dim, device=h.device)
-        return iter(self.mixture(eta, h.float().mean((2, 3)).to(temb.dtype), temb))
+        if c.smd:
+            self.mixture = SoftMixture(c.latent_dim, feat_dim=self.mid[0].conv1.in_channels, temb_dim=temb_dim,
+                                       block_channels=[layers[i].conv2.out_channels for i in self.modulated],
+                                       hidden=temb_dim)
 
     def forward(self, x, t, eta=None):
         if x.shape[1:] != (self.channels, self.image_size, self.image_size):
             raise ValueError(f"input of shape {tuple(x.shape)}, this UNet takes "
                              f"(B, {self.channels}, {self.image_size}, {self.image_size})")
-        temb = self.temb(timestep_embedding(t, self.ch))
+        temb = self.temb(timestep_embedding(t, self.config.ch))
         hs = [self.conv_in(x)]
         for layer in self.down:
             hs.append(layer(hs[-1], temb))
         h = hs[-1]
-        mods = self.modulations(h, temb, eta)
-        for block in self.mid:
-            h = block(h, temb, next(mods))
-        for layer in self.up:
+        mods = {}                               # layer index in mid + up -> (scale, shift)
+        if self.mixture is not None:
+            if eta is None:
+                raise ValueError("an SMD U-Net needs eta ~ N(0, I) of shape (B, latent_dim): "
+                                 "smd.Diffusion draws it (Alg. 1 line 5, Alg. 2 line 4)")
+            pooled = h.float().mean((2, 3)).to(temb.dtype)
+            mods = dict(zip(self.modulated, self.mixture(eta, pooled, temb)))   # Alg. 1 lines 6-7
+        for i, layer in enumerate([*self.mid, *self.up]):
             if isinstance(layer, Upsample):
                 h = layer(h)
-            else:
-                h = layer(torch.cat([h, hs.pop()], dim=1), temb, next(mods))
+            else:                               # decoder blocks eat one skip each
+                h = layer(h if i < len(self.mid) else torch.cat([h, hs.pop()], 1), temb, mods.get(i))
         return self.out(h)
 
 
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
 if __name__ == "__main__":
-    for smd in (False, True):
-        n = sum(p.numel() for p in UNet(smd=smd).parameters())
-        print(f"UNet(smd={smd}): {n:,} parameters")
+    vanilla, smd = n_params(UNet()), n_params(UNet(UNetConfig(smd=True)))
+    print(f"UNet (DDPM, CIFAR-10): {vanilla:,} parameters")
+    print(f"UNet + SMD (latent 64): {smd:,} parameters (+{100 * (smd / vanilla - 1):.1f}%)")

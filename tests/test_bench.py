@@ -5,6 +5,7 @@ import json
 import torch
 
 import bench
+from unet import UNet
 
 
 def test_bench_runs_on_cpu_and_writes_json(tmp_path):
@@ -26,7 +27,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
 
 def conv_and_linear_flops(config):
     """2 * MACs of every conv and linear layer of one forward, from the layers' shapes."""
-    model, total = bench.train.build_model(dict(config, smd=False)), [0]
+    model, total = UNet(config), [0]
 
     def hook(m, inp, out):
         if isinstance(m, torch.nn.Conv2d):
@@ -42,10 +43,10 @@ def conv_and_linear_flops(config):
 
 
 def test_flop_count_matches_layer_shapes():
-    config = bench.CIFAR10
-    forward = bench.flops_per_image(config, smd=False, train_step=False)
+    config = bench.CONFIGS["cifar10"]
+    forward = bench.flops_per_image(config, use_smd=False, train_step=False)
     layers = conv_and_linear_flops(config)
     assert 1.0 < forward / layers < 1.15                     # the rest is attention's two matmuls
     assert 11e9 < forward < 14e9                             # DDPM's CIFAR-10 U-Net: ~6 GMACs
-    train = bench.flops_per_image(config, smd=False, train_step=True)
+    train = bench.flops_per_image(config, use_smd=False, train_step=True)
     assert 2.8 < train / forward < 3.2                       # backward costs twice the forward

@@ -1,24 +1,26 @@
 """The CUDA fast paths (skipped without a GPU): no host sync inside a training or sampling
 step, compiled and CUDA-graph sampling equal to eager, and train.py / sample.py / bench.py
-end to end with their CUDA defaults (torch.compile, bf16, fused AdamW, data on the GPU)."""
+run as a user runs them, with their CUDA defaults (torch.compile, bf16, fused AdamW, data on
+the GPU)."""
 
+import json
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
-import bench
-import sample
 import smd
-import train
-from conftest import TINY
+from conftest import ENV, ROOT, TINY, tiny_config
+from unet import UNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-CONFIG = dict(bench.TINY, latent_dim=8, T=100)
 
 
 def tiny_model(use_smd, device="cuda"):
     torch.manual_seed(0)
-    model = train.build_model(dict(CONFIG, smd=use_smd)).to(device, memory_format=torch.channels_last)
+    model = UNet(tiny_config(smd=use_smd)).to(device, memory_format=torch.channels_last)
     if use_smd:   # f_phi starts at zero; make the latent matter so eta's path is exercised
         torch.nn.init.normal_(model.mixture.f_phi[-1].weight, std=0.02)
     return model
@@ -38,17 +40,17 @@ class no_host_sync:
 @pytest.mark.parametrize("use_smd", [False, True])
 def test_train_step_never_waits_for_the_gpu(use_smd):
     model = tiny_model(use_smd)
-    net, diffusion = torch.compile(model), train.build_diffusion(CONFIG).cuda()
-    optimizer = train.make_optimizer(model, 2e-4, "cuda")
+    net, diffusion = torch.compile(model), smd.Diffusion(100).cuda()
+    optimizer = smd.make_optimizer(model, 2e-4, "cuda")
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params]
     x0 = torch.randn(8, 3, 32, 32, device="cuda").to(memory_format=torch.channels_last)
     for _ in range(3):   # compiling may sync; the steps after it must not
-        train.train_step(net, diffusion, optimizer, x0, amp=True)
+        smd.train_step(net, diffusion, optimizer, x0, amp=True)
     with no_host_sync():
         for n in range(5):
-            loss = train.train_step(net, diffusion, optimizer, x0, amp=True)
-            train.ema_update(ema, params, train.ema_decay(n))
+            loss = smd.train_step(net, diffusion, optimizer, x0, amp=True)
+            smd.ema_update(ema, params, smd.ema_decay(n))
     assert torch.isfinite(loss).item()
 
 
@@ -78,25 +80,35 @@ def test_compiled_sampling_matches_eager(mode, monkeypatch):
     assert (eager - compiled).abs().max().item() < 1e-3
 
 
+def script(*argv):
+    """Run one of the scripts as a user does; its stdout."""
+    p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
 def test_train_and_sample_with_cuda_defaults(tmp_path, cifar_dir):
     out = tmp_path / "out"
-    args = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--out-dir", str(out), *TINY, "--smd"]
-    r = train.main([*args, "--max-steps", "4"])      # compile and bf16 default on with CUDA
-    assert next(r["model"].parameters()).is_cuda and r["losses"][-1][1] < 1.5
-    r = train.main([*args, "--max-steps", "6", "--resume"])
-    assert r["step"] == 6
-    state = torch.load(out / "ckpt.pt", weights_only=True)["model"]
-    assert not any(k.startswith("_orig_mod.") for k in state)   # the uncompiled module is saved
-    images = sample.main(["--ckpt", str(out / "ckpt.pt"), "--steps", "4", "--n", "5", "--batch-size", "4",
-                          "--cuda-graph", "--grid", str(tmp_path / "g.png")])
-    assert images.shape == (5, 32, 32, 3) and images.dtype.name == "uint8"
+    args = ["train.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--out-dir", str(out), *TINY, "--smd"]
+    log = script(*args, "--max-steps", "4")          # compile and bf16 default on with CUDA
+    assert "compile=True, bf16=True" in log and "step 4/4" in log
+    assert "RESUMED" in script(*args, "--max-steps", "6", "--resume")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])   # uncompiled module
+    npz = tmp_path / "s.npz"
+    script("sample.py", "--ckpt", str(out / "ckpt.pt"), "--steps", "4", "--n", "5", "--batch-size", "4",
+           "--cuda-graph", "--npz", str(npz))
+    images = np.load(npz)["images"]
+    assert images.shape == (5, 32, 32, 3) and images.dtype == np.uint8
 
 
 def test_bench_on_cuda(tmp_path):
-    rows, fid_img_s = bench.main(["--config", "tiny", "--batch-size", "8", "--sample-batch", "8", "--warmup", "2",
-                                  "--repeats", "2", "--iters", "2", "--fid-images", "8", "--fid-batch", "8"])
+    script("bench.py", "--config", "tiny", "--batch-size", "8", "--sample-batch", "8", "--warmup", "2",
+           "--repeats", "2", "--iters", "2", "--fid-images", "8", "--fid-batch", "8", "--json", str(tmp_path / "b.json"))
+    result = json.loads((tmp_path / "b.json").read_text())
+    rows = result["rows"]
     assert {(r["task"], r["compile"]) for r in rows} == {("train step", False), ("train step", True),
                                                          ("sample step", True), ("sample step", "cuda-graph")}
     assert all(r["mem_gib"] > 0 for r in rows)
-    if any(k in torch.cuda.get_device_name() for k in bench.BF16_PEAK):
+    if any(r["mfu"] is not None for r in rows):       # a GPU whose bf16 peak bench.py knows
         assert all(0 < r["mfu"] < 1 for r in rows)

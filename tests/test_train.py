@@ -5,28 +5,26 @@ This file is also the torchrun worker of test_ddp_gloo_ranks_stay_identical (see
 
 import gzip
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 import torchvision
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import smd  # noqa: E402
-import data  # noqa: E402
-import train  # noqa: E402
-from conftest import TINY, write_cifar10  # noqa: E402
+import checkpoint
+import data
+import smd
+import train
+from conftest import ENV, OLD_CKPT, ROOT, TINY, write_cifar10
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FASHION = "/usr/share/datasets/fashion-mnist"
 HAS_FASHION = os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 
 def run(out, *argv):
@@ -56,8 +54,9 @@ def test_cifar10_files(tmp_path, offline):
     assert x.shape == (40, 3, 32, 32) and x.dtype == np.uint8 and np.array_equal(x, images)
     r = run(tmp_path / "out", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--max-steps", "2")
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == r["step"] == 2 and ckpt["config"]["channels"] == 3 and ckpt["config"]["flip"]
-    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "rng"}
+    assert ckpt["step"] == r["step"] == 2 and ckpt["model_config"]["channels"] == 3 and ckpt["config"]["flip"]
+    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "model_config", "rng"}
+    assert "ch" not in ckpt["config"] and ckpt["model_config"]["ch"] == 32   # one home for the network's shape
 
 
 def test_mnist_format_files(tmp_path, offline):
@@ -69,14 +68,16 @@ def test_mnist_format_files(tmp_path, offline):
         assert x.shape == (12, 1, 32, 32) and np.array_equal(x[:, 0, 2:30, 2:30], digits)
         assert x[:, :, :2].max() == x[:, :, 30:].max() == x[:, :, :, :2].max() == 0   # zero padding
     r = run(tmp_path / "out", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--max-steps", "2")
-    assert r["config"]["channels"] == 1 and r["config"]["flip"] is False   # no flips for digits
+    assert r["model_config"].channels == 1 and r["config"]["flip"] is False   # no flips for digits
 
 
 def test_missing_data_offline_says_where(tmp_path, offline):
-    with pytest.raises(SystemExit, match=r"MNIST/raw.*downloading it failed"):
+    with pytest.raises(RuntimeError, match=r"MNIST/raw.*downloading it failed"):
         data.load_images("mnist", str(tmp_path))
-    with pytest.raises(SystemExit, match="cifar-10-batches-py"):
+    with pytest.raises(RuntimeError, match="cifar-10-batches-py"):
         data.load_images("cifar10", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"train.py: cifar10: no data in .*cifar-10-batches-py"):
+        run(tmp_path / "out", "--dataset", "cifar10", "--data-dir", str(tmp_path))
     with pytest.raises(SystemExit, match="neither cifar10"):
         run(tmp_path / "out", "--dataset", str(tmp_path / "no-such-folder"))
 
@@ -98,7 +99,7 @@ def test_image_folder(tmp_path):
     assert data.ImageFolder(str(tmp_path / "gray"), 8)[(0, False)].shape == (1, 8, 8)
     r = run(tmp_path / "out", "--dataset", str(tmp_path / "imgs"), "--image-size", "16", "--max-steps", "2",
             "--workers", "1")
-    assert r["config"]["image_size"] == 16 and r["config"]["channels"] == 3
+    assert r["model_config"].image_size == 16 and r["model_config"].channels == 3
 
 
 @pytest.mark.skipif(not HAS_FASHION, reason="apt-get install dataset-fashion-mnist")
@@ -133,9 +134,9 @@ def test_batch_plan_shards_epochs_and_resumes():
 
 def test_ema_update_and_warmup():
     ema, p = [torch.zeros(3), torch.ones(2)], [torch.ones(3), torch.full((2,), 3.0)]
-    train.ema_update(ema, p, 0.75)
+    smd.ema_update(ema, p, 0.75)
     assert torch.allclose(ema[0], torch.full((3,), 0.25)) and torch.allclose(ema[1], torch.full((2,), 1.5))
-    assert train.ema_decay(0) == 0.1 and train.ema_decay(10**6) == 0.9999
+    assert smd.ema_decay(0) == 0.1 and smd.ema_decay(10**6) == 0.9999
 
 
 def test_resume_equals_uninterrupted(tmp_path, capsys):
@@ -165,7 +166,24 @@ def test_resume_refuses_contradictions(tmp_path, cifar_dir):
     with pytest.raises(SystemExit, match="no checkpoint at"):
         run(tmp_path / "elsewhere", *data, "--resume")
     r = train.main(["--out-dir", str(tmp_path / "out"), "--resume", "--max-steps", "3"])   # the rest from ckpt
-    assert r["step"] == 3 and r["config"]["ch"] == 32 and r["config"]["data_dir"] == cifar_dir
+    assert r["step"] == 3 and r["model_config"].ch == 32 and r["config"]["data_dir"] == cifar_dir
+
+
+def test_resume_a_checkpoint_of_the_old_format(tmp_path, cifar_dir):
+    """OLD_CKPT was written by train.py before the model config had its own entry (its network
+    fields sit in 'config'; GroupNorm eps 1e-5, symmetric padding): it resumes, keeps its
+    network, and is saved in the new format."""
+    os.makedirs(tmp_path / "out")
+    shutil.copy(OLD_CKPT, tmp_path / "out" / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"--ch 32 \(checkpoint: 8\)"):
+        train.main(["--out-dir", str(tmp_path / "out"), "--resume", "--data-dir", cifar_dir, "--ch", "32"])
+    r = train.main(["--out-dir", str(tmp_path / "out"), "--resume", "--data-dir", cifar_dir, "--max-steps", "8",
+                    "--log-every", "1"])
+    cfg = r["model_config"]
+    assert r["step"] == 8 and (cfg.ch, cfg.ch_mult, cfg.latent_dim, cfg.smd) == (8, (1, 2), 4, True)
+    assert (cfg.norm_eps, cfg.tf_downsample) == (1e-5, False) and r["config"]["T"] == 10
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["norm_eps"] == 1e-5 and ckpt["step"] == 8
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cifar_dir, monkeypatch):
@@ -184,19 +202,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cifar_dir, monk
 
 def test_killed_writer_leaves_old_checkpoint(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
-    child = ("import sys, time, torch, train\n"
+    checkpoint.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    child = ("import sys, time, torch, checkpoint\n"
              "def stuck(obj, f):\n"
              "    f.write(b'half a checkpoint'); f.flush(); print('writing', flush=True); time.sleep(60)\n"
              "torch.save = stuck\n"
-             f"train.save_checkpoint({{'step': 2}}, {path!r})\n")
+             f"checkpoint.save_checkpoint({{'step': 2}}, {path!r})\n")
     p = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     assert p.stdout.readline().strip() == "writing"
     p.kill()   # SIGKILL mid-write
     p.wait()
     assert os.path.getsize(path + ".tmp") > 0
     assert torch.load(path, weights_only=True)["step"] == 1   # the old checkpoint, intact
-    train.save_checkpoint({"step": 3}, path)                   # and the next save replaces it
+    checkpoint.save_checkpoint({"step": 3}, path)              # and the next save replaces it
     assert torch.load(path, weights_only=True)["step"] == 3
 
 

@@ -4,9 +4,13 @@ import pytest
 import torch
 
 import unet
-from unet import UNet
+from unet import UNet, UNetConfig
 
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=(16,), dropout=0.0)
+
+
+def tiny(**kw):
+    return UNet(UNetConfig(**{**TINY, **kw}))
 
 
 def randomize(model, seed=0):
@@ -43,22 +47,24 @@ def test_attention_equals_softmax_formula():
 
 @pytest.mark.parametrize("image_size,channels", [(32, 1), (32, 3), (64, 3)])
 def test_shapes(image_size, channels):
-    m = UNet(image_size=image_size, channels=channels, **TINY)
+    m = tiny(image_size=image_size, channels=channels)
     x = torch.randn(2, channels, image_size, image_size)
     assert m(x, torch.tensor([0, 999])).shape == x.shape
 
 
 def test_bad_input_and_config_raise():
     with pytest.raises(ValueError, match="this UNet takes"):
-        UNet(**TINY)(torch.randn(1, 3, 28, 28), torch.tensor([0]))
+        tiny()(torch.randn(1, 3, 28, 28), torch.tensor([0]))
     with pytest.raises(ValueError, match="image_size=48"):
-        UNet(image_size=48)
+        UNetConfig(image_size=48)
+    with pytest.raises(ValueError, match="not divisible"):
+        UNetConfig(image_size=34, ch_mult=(1, 2, 2))
 
 
 def test_untrained_smd_equals_vanilla_then_depends_on_eta():
     torch.manual_seed(0)
-    vanilla = randomize(UNet(**TINY)).eval()
-    model = UNet(smd=True, latent_dim=8, **TINY).eval()
+    vanilla = randomize(tiny()).eval()
+    model = tiny(smd=True, latent_dim=8).eval()
     missing, unexpected = model.load_state_dict(vanilla.state_dict(), strict=False)
     assert not unexpected and missing and all(k.startswith("mixture.") for k in missing)
     x, t = torch.randn(3, 3, 32, 32), torch.tensor([5, 300, 900])
@@ -75,28 +81,48 @@ def test_untrained_smd_equals_vanilla_then_depends_on_eta():
 
 
 def test_smd_modulates_middle_and_decoder_blocks():
-    model = UNet(smd=True, **TINY)
+    model = tiny(smd=True)
     blocks = [m for m in [*model.mid, *model.up] if isinstance(m, unet.ResBlock)]
     assert model.mixture.block_channels == [b.conv2.out_channels for b in blocks]
-    assert model.latent_dim == 64 and UNet(**TINY).latent_dim == 0
+    assert [[*model.mid, *model.up][i] for i in model.modulated] == blocks
+    assert model.latent_dim == 64 and tiny().latent_dim == 0
 
 
-def test_smd_draws_eta_itself_when_not_given():
-    model = randomize(UNet(smd=True, latent_dim=8, **TINY)).eval()
+def test_smd_needs_eta_from_its_caller():
+    """Diffusion owns eta: an SMD U-Net never draws its own, and a vanilla one ignores it."""
+    model = randomize(tiny(smd=True, latent_dim=8)).eval()
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 20])
+    with pytest.raises(ValueError, match="needs eta"):
+        model(x, t)
+    eta = torch.randn(2, 8)
     with torch.no_grad():
-        assert not torch.allclose(model(x, t), model(x, t))
+        torch.testing.assert_close(model(x, t, eta), model(x, t, eta))
+        vanilla = randomize(tiny()).eval()
+        torch.testing.assert_close(vanilla(x, t, eta), vanilla(x, t))
+
+
+def test_downsampling_pads_like_tensorflow_same():
+    """DDPM's stride-2 conv ('SAME' in TF) pads one row and column at the bottom/right only;
+    tf_downsample=False (checkpoints from before the field) pads every side."""
+    torch.manual_seed(0)
+    tf, sym = unet.Downsample(4, tf_pad=True), unet.Downsample(4, tf_pad=False)
+    sym.load_state_dict(tf.state_dict())
+    x = torch.randn(1, 4, 8, 8)
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), tf.conv.weight, tf.conv.bias, stride=2)
+    torch.testing.assert_close(tf(x), ref)
+    assert tf(x).shape == sym(x).shape == (1, 4, 4, 4) and not torch.allclose(tf(x), sym(x))
+    assert all(m.eps == 1e-6 for m in tiny().modules() if isinstance(m, torch.nn.GroupNorm))
 
 
 @pytest.mark.parametrize("smd", [False, True])
 def test_bf16_autocast_channels_last_forward_is_finite(smd):
-    model = randomize(UNet(smd=smd, latent_dim=8, **TINY)).to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    model = randomize(tiny(smd=smd, latent_dim=8)).to(memory_format=torch.channels_last)
+    x, eta = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last), torch.randn(2, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x, torch.tensor([1, 999]))
+        out = model(x, torch.tensor([1, 999]), eta)
     assert out.shape == x.shape and torch.isfinite(out).all()
     out.float().square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with torch.no_grad():
-        ref = model.float()(x, torch.tensor([1, 999]), eta=None if not smd else torch.zeros(2, 8))
-    assert ref.shape == out.shape
+        ref = model.float()(x, torch.tensor([1, 999]), eta)
+    assert (ref - out.float()).abs().max() < 0.05 * ref.abs().max()   # bf16 is close to fp32
