@@ -10,6 +10,8 @@ A checkpoint (out_dir/ckpt.pt) is one dict:
   optimizer, step, rng
 Checkpoints written before `model_config` existed hold the network's fields in `config`,
 and were built with GroupNorm eps 1e-5 and symmetric downsampling padding; they load as such.
+load_checkpoint also takes published DDPM weights in diffusers' format (pretrained.py): a
+Hugging Face id such as google/ddpm-cifar10-32, a folder, or a .bin/.safetensors file.
 
     python -c "import checkpoint; m, d, info = checkpoint.load_checkpoint('out/ckpt.pt'); print(info)"
 """
@@ -19,6 +21,7 @@ import os
 
 import torch
 
+import pretrained
 import smd
 from data import atomic_write
 from unet import UNet, UNetConfig
@@ -64,9 +67,28 @@ def read_checkpoint(path, need=("config",)):
     return ckpt
 
 
+def is_diffusers(path):
+    """A Hugging Face model id, a folder, or a diffusers weights file (not a train.py checkpoint)."""
+    return pretrained.is_hub_id(path) or os.path.isdir(path) or path.endswith((".bin", ".safetensors"))
+
+
+def load_pretrained(source):
+    """(UNet, its config, description) of published DDPM weights (pretrained.py); the model
+    equals diffusers' UNet2DModel with those weights."""
+    cfg, state, desc = pretrained.load(source)
+    model = UNet(cfg)
+    model.load_state_dict(state)
+    return model, cfg, desc
+
+
 def load_checkpoint(path, device="cpu", ema=True):
-    """(model in eval mode, diffusion, info) from a train.py checkpoint; info is its config
-    with the model's fields and 'step'."""
+    """(model in eval mode, diffusion, info) from a train.py checkpoint, info being its config
+    with the model's fields and 'step'; or from published DDPM weights in diffusers' format,
+    on DDPM's chain (T=1000, linear betas)."""
+    if is_diffusers(path):
+        model, cfg, desc = load_pretrained(path)
+        info = {"dataset": None, "T": 1000, "schedule": "linear", "init": desc, **dataclasses.asdict(cfg), "step": None}
+        return model.to(device).eval(), build_diffusion(info).to(device), info
     key = "ema" if ema else "model"
     ckpt = read_checkpoint(path, need=("config", key))
     try:

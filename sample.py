@@ -6,6 +6,7 @@ sample.py -- draw images from a checkpoint written by train.py (EMA weights by d
     python sample.py --sampler ddim --steps 50 --grid ddim.png        # DDIM (--ddim-eta 0)
     python sample.py --sampler ddim --steps 50 --fixed-eta            # SMD: deterministic DDIM needs a fixed eta
     python sample.py --ckpt out/ckpt.pt --no-ema --var small --clip-x0 --seed 1 --grid raw.png
+    python sample.py --ckpt google/ddpm-cifar10-32 --clip-x0 --steps 100   # DDPM's published CIFAR-10 weights
 
 Images are saved as uint8 NHWC, x -> round((x + 1) * 127.5) clamped to [0, 255]; the .npz holds
 them under the key `images`. The same checkpoint, seed and batch size give the same images.
@@ -68,7 +69,9 @@ def report_eta_sensitivity(model, diffusion, info, device, seed, n=32):
 def get_parser():
     p = argparse.ArgumentParser(description="Sample from a train.py checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default="out/ckpt.pt")
+    p.add_argument("--ckpt", default="out/ckpt.pt",
+                   help="train.py checkpoint, or DDPM weights in diffusers' format: a Hugging Face id "
+                        "(google/ddpm-cifar10-32, downloaded once), a folder or a .bin/.safetensors file")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (respaced); default: all T")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
@@ -113,8 +116,10 @@ def main(argv=None):
     if args.fixed_eta and not info["smd"]:
         print(f"note: --fixed-eta has no effect: {args.ckpt} is not an SMD model")
     grid = args.grid or (None if args.npz else "samples.png")
-    print(f"{args.ckpt}: {'SMD' if info['smd'] else 'DDPM'} U-Net trained {info['step']} steps on "
-          f"{info.get('dataset')}, {'raw' if args.no_ema else 'EMA'} weights | {args.sampler}, "
+    origin = (f"published weights ({info['init']})" if info["step"] is None else
+              f"trained {info['step']} steps on {info.get('dataset')}" + (f" from {info['init']}" if info.get("init") else "")
+              + f", {'raw' if args.no_ema else 'EMA'} weights")
+    print(f"{args.ckpt}: {'SMD' if info['smd'] else 'DDPM'} U-Net {origin} | {args.sampler}, "
           f"{args.steps or diffusion.T} of T={diffusion.T} steps, var {args.var}, clip_x0={args.clip_x0}, "
           f"eta {args.fixed_eta or 'fresh'}, seed {args.seed}, n {args.n}, compile={compile_ or args.cuda_graph}, "
           f"cuda_graph={args.cuda_graph}, bf16={amp}", flush=True)

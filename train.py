@@ -7,6 +7,7 @@ train.py -- train a DDPM or Soft Mixture Denoising (SMD) U-Net, on one GPU or ma
     python train.py --dataset path/to/celeba --image-size 64 --smd   # any folder of images
     torchrun --standalone --nproc_per_node=8 train.py --dataset cifar10 --smd   # 8 GPUs, same global batch
     python train.py --resume --out-dir out                   # continue out/ckpt.pt where it stopped
+    python train.py --init google/ddpm-cifar10-32 --smd --lr 2e-5 --warmup 0   # fine-tune DDPM's weights
     python train.py --dataset mnist --ch 32 --ch-mult 1,2 --num-res-blocks 1 --attn-res "" \\
         --batch-size 16 --max-steps 200 --log-every 20       # a CPU smoke test
 
@@ -29,8 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import smd
-from checkpoint import (MODEL_FIELDS, build_diffusion, cuda_defaults, fmt_time, model_config, read_checkpoint,
-                        save_checkpoint)
+from checkpoint import (MODEL_FIELDS, build_diffusion, cuda_defaults, fmt_time, load_pretrained, model_config,
+                        read_checkpoint, save_checkpoint)
 from data import make_batches, save_grid, to_uint8
 from unet import UNet, UNetConfig
 
@@ -58,6 +59,8 @@ def get_parser():
     p.add_argument("--dropout", type=float, default=UNetConfig.dropout)
     p.add_argument("--smd", action="store_true", help="Soft Mixture Denoising (else plain DDPM)")
     p.add_argument("--latent-dim", type=int, default=UNetConfig.latent_dim, help="SMD: dimension of eta and z_t")
+    p.add_argument("--init", default=None, help="start from published DDPM weights (diffusers' format): "
+                   "google/ddpm-cifar10-32, a folder or a .bin/.safetensors file; they fix the network's shape")
     # the chain and the optimisation
     p.add_argument("--eta-samples", type=int, default=1, help="SMD: etas per example in the loss (Sec. 5.4)")
     p.add_argument("--T", type=int, default=1000, help="diffusion steps")
@@ -123,6 +126,19 @@ def restore_rng(states, rank, world, seed, step):
     torch.set_rng_state(states[rank]["torch"])
     if states[rank]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(states[rank]["cuda"])
+
+def initial_weights(args, explicit, channels, image_size):
+    """(DDPM U-Net, the UNetConfig of this run, description) for --init: the published weights
+    fix the network's shape; --smd, --latent-dim and --dropout are this run's."""
+    given = [k for k in MODEL_FIELDS if k in explicit and k not in ("smd", "latent_dim", "dropout")]
+    if given or args.T != 1000 or args.schedule != "linear":
+        raise ValueError(f"--init {args.init}: the weights fix the network and the chain (T=1000, linear betas): "
+                         f"drop {', '.join('--' + k.replace('_', '-') for k in given) or '--T/--schedule'}")
+    model, cfg, desc = load_pretrained(args.init)
+    if (cfg.channels, cfg.image_size) != (channels, image_size):
+        raise ValueError(f"--init {args.init} takes {cfg.channels}x{cfg.image_size}x{cfg.image_size} images, "
+                         f"--dataset {args.dataset} has {channels}x{image_size}x{image_size}")
+    return model, dataclasses.replace(cfg, smd=args.smd, latent_dim=args.latent_dim, dropout=args.dropout), desc
 
 # -----------------------------------------------------------------------------
 # the loop's pieces: processes, signals, logging, the loss check, saving
@@ -228,8 +244,10 @@ def main(argv=None):
                                                   args.seed, step, rank, world, device)
         if cfg and cfg.channels != channels:
             raise ValueError(f"--resume: the data has {channels} channels, the checkpoint's model takes {cfg.channels}")
-        cfg = cfg or UNetConfig(image_size=image_size, channels=channels,
-                                **{k: v for k, v in vars(args).items() if k in MODEL_FIELDS and k != "image_size"})
+        init = None if cfg or not args.init else initial_weights(args, explicit, channels, image_size)
+        cfg = cfg or (init[1] if init else UNetConfig(
+            image_size=image_size, channels=channels,
+            **{k: v for k, v in vars(args).items() if k in MODEL_FIELDS and k != "image_size"}))
     except (OSError, RuntimeError, ValueError) as e:
         raise SystemExit(f"train.py: {e}")
     if world > 1 and master:
@@ -249,6 +267,11 @@ def main(argv=None):
         if master:
             print(f"RESUMED {ckpt_path} at step {step} (of --max-steps {args.max_steps})", flush=True)
     else:
+        if init:   # DDPM's weights; SMD's g_xi and f_phi keep their fresh init (f_phi's last layer is 0)
+            model.load_state_dict(init[0].state_dict(), strict=False)
+            ema.load_state_dict(init[0].state_dict(), strict=False)
+            if master:
+                print(f"initialised from {init[2]}", flush=True)
         torch.manual_seed(args.seed + rank)   # per-rank noise, t and dropout
     params, ema_params = list(model.parameters()), list(ema.parameters())
     net = torch.compile(model) if compile_ else model

@@ -1,6 +1,7 @@
 """Shared test helpers: tiny configs, data written in torchvision's on-disk formats, small
 checkpoints written by train.py (run as a user runs it), and the FID weights."""
 
+import json
 import os
 import pickle
 import subprocess
@@ -8,9 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+
+from unet import UNetConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 OLD_CKPT = os.path.join(ROOT, "tests", "data", "ckpt_64a42b5.pt")   # written by train.py at commit 64a42b5
 
@@ -47,7 +50,6 @@ def cifar_dir(tmp_path):
 
 def tiny_config(**kw):
     """A U-Net small enough for CPU tests (unet.UNetConfig)."""
-    from unet import UNetConfig
     return UNetConfig(**{**dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, latent_dim=8), **kw})
 
 
@@ -81,8 +83,53 @@ def fid_weights():
 @pytest.fixture
 def one_thread():
     """On a small shared CPU one intra-op thread is several times faster than two."""
-    import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+# ----------------------------------------------------------------------------- diffusers' DDPM files
+
+# google/ddpm-cifar10-32's config.json as published (no dropout key)
+HUB_CONFIG = {
+    "_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", "act_fn": "silu", "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+SMALL_CONFIG = dict(HUB_CONFIG, in_channels=1, out_channels=1, block_out_channels=[32, 64], layers_per_block=1,
+                    down_block_types=["AttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "AttnUpBlock2D"])
+OLD_ATTN_NAMES = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+
+
+def diffusers_model(config, seed=0):
+    """diffusers' UNet2DModel of config, every parameter random (many are zero-initialised)."""
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.UNet2DModel.from_config(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 1.0 if "norm" in name and name.endswith("weight") else 0.0   # GroupNorm scales near 1
+            p.copy_(scale + 0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def save_hub_files(folder, model, config=None, bin=True, safetensors=True, old_names=False):
+    """What the hub holds: config.json (as given, else model.save_config) and the weights."""
+    os.makedirs(folder, exist_ok=True)
+    if config is None:
+        model.save_config(folder)
+    else:
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if bin:
+        if old_names:   # diffusers' attention names before Attention (query, key, value, proj_attn)
+            for new, old in OLD_ATTN_NAMES.items():
+                sd = {k.replace(new, old): v for k, v in sd.items()}
+        torch.save(sd, os.path.join(folder, "diffusion_pytorch_model.bin"))
+    if safetensors:
+        st = pytest.importorskip("safetensors.torch")
+        st.save_file(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    return folder

@@ -12,7 +12,8 @@ from PIL import Image
 
 import sample
 from checkpoint import load_checkpoint
-from conftest import OLD_CKPT
+import pretrained
+from conftest import OLD_CKPT, SMALL_CONFIG, diffusers_model, save_hub_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,3 +103,21 @@ def test_fixed_eta_makes_smd_ddim_deterministic(tiny_ckpts, tmp_path):
     assert np.array_equal(sample.main([*argv, "--fixed-eta"]), draw("fixed"))
     clipped = sample.main([*argv, "--fixed-eta", "--clip-x0"])
     assert clipped.shape == (4, 32, 32, 3) and not np.array_equal(clipped, draw("fixed"))
+
+
+def test_sample_from_published_weights(tmp_path, monkeypatch, capsys):
+    """--ckpt takes diffusers' DDPM files (here random weights in a small config) and samples
+    on DDPM's chain; a hub id that cannot be downloaded says which files to fetch, and where."""
+    small = dict(SMALL_CONFIG, in_channels=3, out_channels=3)
+    folder = save_hub_files(str(tmp_path / "ddpm"), diffusers_model(small), small, bin=False)
+    images = sample.main(["--ckpt", folder, "--steps", "3", "--n", "2", "--grid", str(tmp_path / "g.png")])
+    assert images.shape == (2, 32, 32, 3) and "published weights" in capsys.readouterr().out
+
+    def offline(url, dst, *a, **k):
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(SystemExit, match=r"(?s)could not download google/ddpm-cifar10-32.*"
+                                         r"https://huggingface.co/google/ddpm-cifar10-32/resolve/main/config.json"
+                                         r".*hub/checkpoints/google--ddpm-cifar10-32/diffusion_pytorch_model.bin"):
+        sample.main(["--ckpt", pretrained.DEFAULT_MODEL, "--n", "1"])

@@ -20,7 +20,7 @@ import checkpoint
 import data
 import smd
 import train
-from conftest import ENV, OLD_CKPT, ROOT, TINY, write_cifar10
+from conftest import ENV, OLD_CKPT, SMALL_CONFIG, ROOT, TINY, diffusers_model, save_hub_files, write_cifar10
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -184,6 +184,31 @@ def test_resume_a_checkpoint_of_the_old_format(tmp_path, cifar_dir):
     assert (cfg.norm_eps, cfg.tf_downsample) == (1e-5, False) and r["config"]["T"] == 10
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["model_config"]["norm_eps"] == 1e-5 and ckpt["step"] == 8
+
+
+def test_init_from_ddpm_weights_starts_smd_exactly_at_ddpm(tmp_path, cifar_dir, capsys):
+    """--init with diffusers' files (random weights, a small config): the SMD model starts as
+    the DDPM model (f_phi's last layer is zero), its checkpoint says where it started, and
+    flags that would change the network or the chain are refused."""
+    small = dict(SMALL_CONFIG, in_channels=3, out_channels=3)
+    theirs = diffusers_model(small)
+    folder = save_hub_files(str(tmp_path / "ddpm"), theirs, small, safetensors=False)
+    common = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--init", folder, "--batch-size", "4", "--workers", "0",
+              "--sample-every", "0", "--log-every", "1"]
+    with pytest.raises(SystemExit, match="fix the network and the chain .*drop --ch"):
+        train.main([*common, "--out-dir", str(tmp_path / "x"), "--ch", "64"])
+    with pytest.raises(SystemExit, match="drop --T"):
+        train.main([*common, "--out-dir", str(tmp_path / "x"), "--T", "100"])
+    r = train.main([*common, "--out-dir", str(tmp_path / "out"), "--smd", "--latent-dim", "8", "--lr", "0",
+                    "--max-steps", "1"])   # lr 0: the weights stay those of the start
+    assert f"initialised from diffusers UNet2DModel {folder}" in capsys.readouterr().out
+    model, _, info = checkpoint.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))
+    assert info["smd"] and info["init"] == folder and r["model_config"].ch_mult == (1, 2)
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([0, 400, 999])
+    with torch.no_grad():
+        want = theirs(x, t).sample
+        for eta in (torch.zeros(3, 8), torch.randn(3, 8)):
+            assert (model(x, t, eta) - want).abs().max() < 1e-5 * want.abs().max()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cifar_dir, monkeypatch):

@@ -1,0 +1,245 @@
+"""
+pretrained.py -- start from published DDPM weights in diffusers' format (UNet2DModel).
+
+load(source) returns (UNetConfig, state_dict, description); the state dict has exactly the
+keys of UNet(config) (unet.py), whose outputs then equal diffusers' UNet2DModel's. source is
+a Hugging Face model id (e.g. "google/ddpm-cifar10-32", downloaded once into torch's hub
+cache), a folder holding config.json + diffusion_pytorch_model.{safetensors,bin}, or one
+weights file (config.json beside it, else google/ddpm-cifar10-32's config is assumed).
+
+    import pretrained, unet
+    config, state, desc = pretrained.load("google/ddpm-cifar10-32")
+    model = unet.UNet(config); model.load_state_dict(state)
+
+Dropout: diffusers' configs hold inference settings (newer ones write dropout 0.0, the
+hub's google/ddpm-* configs have no dropout key); a config's value is kept, and without one
+unet_config uses DDPM's training value 0.1. Change it with dataclasses.replace(config, dropout=...).
+Needs only torch: .safetensors files are parsed here, without the safetensors package.
+"""
+
+import json
+import math
+import os
+import re
+import struct
+
+import torch
+
+from unet import UNetConfig, UNet
+
+HUB_URL = "https://huggingface.co/{model_id}/resolve/main/{filename}"
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")   # preferred first
+DEFAULT_MODEL = "google/ddpm-cifar10-32"
+DDPM_CIFAR10_CONFIG = {   # google/ddpm-cifar10-32's config.json
+    "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
+    "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+# settings we support, with diffusers' UNet2DModel defaults for absent keys: (key, default, allowed)
+_REQUIRED = [("time_embedding_type", "positional", ["positional"]), ("time_embedding_dim", None, [None]),
+             ("flip_sin_to_cos", True, [False]), ("freq_shift", 0, [1]), ("center_input_sample", False, [False]),
+             ("mid_block_type", "UNetMidBlock2D", ["UNetMidBlock2D"]), ("add_attention", True, [True]),
+             ("mid_block_scale_factor", 1, [1]), ("downsample_padding", 1, [0]), ("downsample_type", "conv", ["conv"]),
+             ("upsample_type", "conv", ["conv"]), ("act_fn", "silu", ["silu"]), ("norm_num_groups", 32, [32]),
+             ("attn_norm_num_groups", None, [None, 32]), ("resnet_time_scale_shift", "default", ["default"]),
+             ("class_embed_type", None, [None]), ("num_class_embeds", None, [None])]
+
+
+def is_hub_id(source):
+    """True for "owner/name" strings that are not an existing local path (nor look like a file)."""
+    return (isinstance(source, str) and not os.path.exists(source)
+            and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None
+            and not source.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".json")))
+
+
+def download(model_id):
+    """config.json and the weights (.safetensors, else .bin) of model_id, fetched once into a
+    folder of torch's hub cache, <torch.hub.get_dir()>/checkpoints/<owner>--<name>; returns it."""
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints", model_id.replace("/", "--"))
+    path = lambda f: os.path.join(folder, f)
+    urls = [HUB_URL.format(model_id=model_id, filename=f) for f in (CONFIG_FILE, WEIGHT_FILES[1])]
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.path.exists(path(CONFIG_FILE)):
+            torch.hub.download_url_to_file(urls[0], path(CONFIG_FILE))
+        if not any(os.path.exists(path(f)) for f in WEIGHT_FILES):
+            try:
+                torch.hub.download_url_to_file(HUB_URL.format(model_id=model_id, filename=WEIGHT_FILES[0]),
+                                               path(WEIGHT_FILES[0]))
+            except Exception:   # not published (or offline): the .bin
+                torch.hub.download_url_to_file(urls[1], path(WEIGHT_FILES[1]))
+    except Exception as e:
+        todo = [(u, path(f)) for u, f in zip(urls, (CONFIG_FILE, WEIGHT_FILES[1])) if not os.path.exists(path(f))]
+        raise RuntimeError(
+            f"could not download {model_id} ({type(e).__name__}: {e}). Fetch by hand:\n"
+            + "".join(f"  {u}\n    -> {p}\n" for u, p in todo)
+            + f"(or give --ckpt path/to/{WEIGHT_FILES[1]}, with its config.json beside it)") from e
+    return folder
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file: u64 little-endian header size, a JSON header
+    {name: {dtype, shape, data_offsets}}, then the tensors' little-endian bytes."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    out = {}
+    try:
+        n = struct.unpack("<Q", buf[:8])[0] if len(buf) >= 8 else -1
+        header, start = json.loads(buf[8:8 + n]) if 0 <= n <= len(buf) - 8 else None, 8 + n
+        if not isinstance(header, dict):
+            raise ValueError(f"header of {n} bytes in a file of {len(buf)}")
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (begin, end) = _DTYPES[info["dtype"]], [int(s) for s in info["shape"]], info["data_offsets"]
+            if not 0 <= begin <= end <= len(buf) - start or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {name!r}: {info['dtype']}{shape} at bytes {begin}..{end} "
+                                 f"of {len(buf) - start}")
+            raw = bytearray(buf[start + begin:start + end])   # a copy: aligned, writable
+            out[name] = (torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)).reshape(shape)
+    except (ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"{path} is not a readable .safetensors file (truncated or corrupt download? "
+                           f"delete it and retry): {type(e).__name__}: {e}") from None
+    return out
+
+
+def read_weights(path):
+    """A diffusers state dict from .safetensors (parsed here) or .bin (torch.load, weights only)."""
+    if path.endswith(".safetensors"):
+        sd = read_safetensors(path)
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"{path} is not a readable PyTorch state dict (truncated or corrupt download? "
+                               f"delete it and retry): {type(e).__name__}: {e}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} holds no diffusers state dict (a dict of tensors)")
+    return sd
+
+
+def unet_config(diffusers_config):
+    """UNetConfig of a diffusers UNet2DModel config (dict) that unet.UNet reproduces exactly;
+    ValueError naming the first unsupported setting. Absent keys take UNet2DModel's defaults."""
+    c = diffusers_config
+    for key, default, allowed in [("_class_name", "UNet2DModel", ["UNet2DModel"])] + _REQUIRED:
+        if c.get(key, default) not in allowed:
+            raise ValueError(f"unsupported diffusers config: {key}={c.get(key, default)!r} (supported: {allowed})")
+    size = c.get("sample_size")
+    size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+    chans, down, up = (list(c.get(k) or []) for k in ("block_out_channels", "down_block_types", "up_block_types"))
+    attn = [t == "AttnDownBlock2D" for t in down]
+    mirror = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]   # up block i mirrors down n-1-i
+    head_dim, attn_chans = c.get("attention_head_dim", 8), {ch for ch, a in zip(chans, attn) if a} | set(chans[-1:])
+    for ok, what in [
+            (isinstance(size, int), f"sample_size={c.get('sample_size')!r} (one int: square images)"),
+            (c.get("in_channels", 3) == c.get("out_channels", 3), f"out_channels={c.get('out_channels', 3)} "
+                                                                   f"!= in_channels={c.get('in_channels', 3)}"),
+            (chans and len(chans) == len(down), f"block_out_channels={chans} with down_block_types={down}"),
+            (all(ch % 32 == 0 and ch % chans[0] == 0 for ch in chans),
+             f"block_out_channels={chans} (multiples of 32, for 32 GroupNorm groups, and of the first)"),
+            (set(down) <= {"DownBlock2D", "AttnDownBlock2D"},
+             f"down_block_types={down} (only DownBlock2D, AttnDownBlock2D)"),
+            (up == mirror, f"up_block_types={up} (must mirror down_block_types: {mirror})"),
+            (head_dim is None or attn_chans == {head_dim},   # + the middle block's attention
+             f"attention_head_dim={head_dim} (one head only: None, or the attention's channels {attn_chans})")]:
+        if not ok:
+            raise ValueError(f"unsupported diffusers config: {what}")
+    return UNetConfig(image_size=size, channels=c.get("in_channels", 3), ch=chans[0],
+                      ch_mult=tuple(ch // chans[0] for ch in chans), num_res_blocks=c.get("layers_per_block", 2),
+                      attn_res=tuple(size >> i for i, a in enumerate(attn) if a),
+                      dropout=c.get("dropout", 0.1), norm_eps=c.get("norm_eps", 1e-5))
+
+
+_RESNET = [("norm1", "norm1"), ("conv1", "conv1"), ("temb_proj", "time_emb_proj"), ("norm2", "norm2"),
+           ("conv2", "conv2"), ("skip", "conv_shortcut")]
+_ATTN = [("norm", ["group_norm"]), ("qkv", ["to_q", "to_k", "to_v"]), ("proj", ["to_out.0"])]
+_OLD_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0.",
+              ".Conv2d_0.": ".conv."}   # diffusers' earlier attention names; Downsample2D's alias of conv
+
+
+def _modules(config):
+    """[(our module, [its diffusers modules])]; attention's qkv is to_q, to_k, to_v concatenated."""
+    m = [("conv_in", ["conv_in"]), ("temb.0", ["time_embedding.linear_1"]), ("temb.2", ["time_embedding.linear_2"]),
+         ("out.0", ["conv_norm_out"]), ("out.2", ["conv_out"])]
+
+    def block(ours, theirs, j, attn=True):   # a ResBlock and its attention, if any
+        m.extend((f"{ours}.{a}", [f"{theirs}.resnets.{j}.{b}"]) for a, b in _RESNET)
+        m.extend((f"{ours}.attn.{a}", [f"{theirs}.attentions.{j}.{b}" for b in bs]) for a, bs in _ATTN if attn)
+
+    block("mid.0", "mid_block", 0)
+    block("mid.1", "mid_block", 1, attn=False)
+    n = len(config.ch_mult)
+    for side, extra, sampler in (("down", 0, "downsamplers"), ("up", 1, "upsamplers")):
+        k = 0   # index in UNet.down / UNet.up: ResBlocks, then the level's Down/Upsample
+        for i in range(n):
+            for j in range(config.num_res_blocks + extra):
+                block(f"{side}.{k}", f"{side}_blocks.{i}", j)
+                k += 1
+            if i < n - 1:
+                m.append((f"{side}.{k}.conv", [f"{side}_blocks.{i}.{sampler}.0.conv"]))
+                k += 1
+    return m
+
+
+def convert(state_dict, diffusers_config):
+    """diffusers UNet2DModel state dict -> state dict of UNet(unet_config(diffusers_config))."""
+    config = unet_config(diffusers_config)
+    with torch.device("meta"):   # shapes only, nothing allocated
+        expected = UNet(config).state_dict()
+    src = {}
+    for name, t in state_dict.items():
+        for old, new in _OLD_NAMES.items():
+            name = name.replace(old, new)
+        src.setdefault(name, t)   # a duplicate under an old name is dropped
+    out, used = {}, set()
+    for ours, theirs in _modules(config):
+        for p in ("weight", "bias"):
+            names = [f"{t}.{p}" for t in theirs]
+            if f"{ours}.{p}" in expected and all(n in src for n in names):
+                t = src[names[0]] if len(names) == 1 else torch.cat([src[n] for n in names])
+                # attention's Linear weights (C_out, C_in) become 1x1 conv weights (C_out, C_in, 1, 1)
+                out[f"{ours}.{p}"] = t[:, :, None, None] if t.dim() == 2 and expected[f"{ours}.{p}"].dim() == 4 else t
+                used.update(names)
+    bad = {"missing": [k for k in expected if k not in out], "unexpected": [k for k in src if k not in used],
+           "shape mismatch": [f"{k} {tuple(out[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                              if k in out and out[k].shape != v.shape]}
+    for what, names in bad.items():
+        if names:
+            raise ValueError(f"diffusers weights don't fit the config: {len(names)} {what}: "
+                             f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}")
+    return {k: out[k] for k in expected}
+
+
+def load(source=DEFAULT_MODEL):
+    """(UNetConfig, state dict for unet.UNet, description) of a hub id, a folder, or a weights file."""
+    folder = download(source) if is_hub_id(source) else source
+    if os.path.isdir(folder):
+        found = [p for p in (os.path.join(folder, f) for f in WEIGHT_FILES) if os.path.exists(p)]
+        if not found:
+            raise FileNotFoundError(f"{folder} holds none of {', '.join(WEIGHT_FILES)}")
+        weights = found[0]
+    elif os.path.isfile(source):
+        weights = source
+    else:
+        raise FileNotFoundError(f"{source}: no such file or folder, nor a Hugging Face model id like {DEFAULT_MODEL}")
+    config_path = os.path.join(os.path.dirname(weights), CONFIG_FILE)
+    desc = f"diffusers UNet2DModel {source}" + (f" ({weights})" if weights != source else "")
+    try:
+        with open(config_path) as f:
+            dcfg = json.load(f)
+    except FileNotFoundError:
+        dcfg = DDPM_CIFAR10_CONFIG
+        desc += f"; no {CONFIG_FILE} beside it: assumed {DEFAULT_MODEL}'s config"
+    except ValueError as e:
+        raise RuntimeError(f"{config_path} is not readable JSON: {e}") from None
+    return unet_config(dcfg), convert(read_weights(weights), dcfg), desc
