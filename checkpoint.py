@@ -42,8 +42,8 @@ def model_config(ckpt):
 
 
 def build_diffusion(config):
-    """The diffusion chain a train.py config describes (T steps, noise schedule)."""
-    return smd.Diffusion(config["T"], config.get("schedule", "linear"))
+    """The diffusion chain a train.py config describes (T steps, noise schedule, objective)."""
+    return smd.Diffusion(config["T"], config.get("schedule", "linear"), config.get("objective", "eps"))
 
 
 def save_checkpoint(ckpt, path):
@@ -87,7 +87,8 @@ def load_checkpoint(path, device="cpu", ema=True):
     on DDPM's chain (T=1000, linear betas)."""
     if is_diffusers(path):
         model, cfg, desc = load_pretrained(path)
-        info = {"dataset": None, "T": 1000, "schedule": "linear", "init": desc, **dataclasses.asdict(cfg), "step": None}
+        info = {"dataset": None, "T": 1000, "schedule": "linear", "objective": "eps", "init": desc,
+                **dataclasses.asdict(cfg), "step": None}
         return model.to(device).eval(), build_diffusion(info).to(device), info
     key = "ema" if ema else "model"
     ckpt = read_checkpoint(path, need=("config", key))

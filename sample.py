@@ -119,7 +119,8 @@ def main(argv=None):
     origin = (f"published weights ({info['init']})" if info["step"] is None else
               f"trained {info['step']} steps on {info.get('dataset')}" + (f" from {info['init']}" if info.get("init") else "")
               + f", {'raw' if args.no_ema else 'EMA'} weights")
-    print(f"{args.ckpt}: {'SMD' if info['smd'] else 'DDPM'} U-Net {origin} | {args.sampler}, "
+    kind = "SMD" if info["smd"] else f"mixture-of-{info['components']}" if info.get("components") else "DDPM"
+    print(f"{args.ckpt}: {kind} U-Net {origin} | {args.sampler}, "
           f"{args.steps or diffusion.T} of T={diffusion.T} steps, var {args.var}, clip_x0={args.clip_x0}, "
           f"eta {args.fixed_eta or 'fresh'}, seed {args.seed}, n {args.n}, compile={compile_ or args.cuda_graph}, "
           f"cuda_graph={args.cuda_graph}, bf16={amp}", flush=True)

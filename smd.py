@@ -48,10 +48,32 @@ def cosine_alphas_cumprod(T, s=0.008):
     return np.cumprod(1.0 - betas)
 
 
+def sigmoid_alphas_cumprod(T, start=-3.0, end=3.0, tau=1.0):
+    """The SMD authors' schedule (Jabri et al. 2022): abar(u) = (s(end) - s(u (end - start) +
+    start) / tau)) / (s(end) - s(start)) with s the logistic function and u = t/T, betas
+    clipped at 0.999."""
+    sig = lambda z: 1 / (1 + np.exp(-z))
+    u = np.arange(T + 1, dtype=np.float64) / T
+    f = (sig(end / tau) - sig((u * (end - start) + start) / tau)) / (sig(end / tau) - sig(start / tau))
+    betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+    return np.cumprod(1.0 - betas)
+
+
+SCHEDULES = {"linear": linear_alphas_cumprod, "cosine": cosine_alphas_cumprod, "sigmoid": sigmoid_alphas_cumprod}
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)   # DDP; torch.compile forwards attributes
+
+
 def _latent_dim(model):
-    """0 for a vanilla model; unwraps DDP (.module); torch.compile forwards attributes."""
-    model = getattr(model, "module", model)
-    return getattr(model, "latent_dim", 0) or 0
+    """0 for a vanilla model, the size of eta for an SMD model."""
+    return getattr(_unwrap(model), "latent_dim", 0) or 0
+
+
+def _components(model):
+    """K for a categorical-mixture model (see Diffusion.mixture_loss), else 0."""
+    return getattr(_unwrap(model), "components", 0) or 0
 
 
 def _draw_eta(model, x, generator=None):
@@ -62,32 +84,56 @@ def _draw_eta(model, x, generator=None):
     return torch.randn(x.shape[0], d, device=x.device, dtype=x.dtype, generator=generator)
 
 
+def _bcast(v, x):
+    """(B,) coefficients -> (B, 1, ..., 1) to multiply x."""
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
 class Diffusion(nn.Module):
     """Holds the schedule as float64 buffers (move with .to(device)) and implements
-    q_sample, Algorithm 1 (loss) and Algorithm 2 (sample)."""
+    q_sample, Algorithm 1 (loss) and Algorithm 2 (sample). objective: what the network
+    outputs, "eps" (DDPM, the paper) or "v" = sqrt(abar) eps - sqrt(1 - abar) x_0 (the SMD
+    authors' code); either way the loss is ||eps - eps_hat||^2, which for "v" is the authors'
+    abar-weighted (snr / (snr + 1)) v loss."""
 
-    def __init__(self, T=1000, schedule="linear"):
+    def __init__(self, T=1000, schedule="linear", objective="eps"):
         super().__init__()
         if T < 2:
             raise ValueError(f"T={T}: a diffusion chain needs at least 2 steps")
-        if schedule == "linear":
-            abar = linear_alphas_cumprod(T)
-        elif schedule == "cosine":
-            abar = cosine_alphas_cumprod(T)
-        else:
-            raise ValueError(f"unknown schedule {schedule!r}: use 'linear' or 'cosine'")
-        self.T, self.schedule = T, schedule
+        if schedule not in SCHEDULES or objective not in ("eps", "v"):
+            raise ValueError(f"schedule={schedule!r}, objective={objective!r}: use one of {sorted(SCHEDULES)} "
+                             f"and eps or v")
+        abar = SCHEDULES[schedule](T)
+        self.T, self.schedule, self.objective = T, schedule, objective
         self.abar_host = abar   # a host copy: the sampler reads its coefficients without a GPU sync
         abar_prev = np.append(1.0, abar[:-1])
         self.register_buffer("alphas_cumprod", torch.from_numpy(abar))
         self.register_buffer("betas", torch.from_numpy(1.0 - abar / abar_prev))
 
-    # -- forward process ------------------------------------------------------------
+    # -- forward process and what the network predicts ------------------------------
 
     def q_sample(self, x0, t, eps):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Alg. 1 line 4)."""
-        abar = self.alphas_cumprod[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+        abar = _bcast(self.alphas_cumprod[t].to(x0.dtype), x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+
+    def eps_from(self, out, x_t, abar):
+        """eps_hat from the network's output (abar: float or broadcastable tensor)."""
+        if self.objective == "eps":
+            return out
+        abar = torch.as_tensor(abar, dtype=x_t.dtype, device=x_t.device)
+        return abar.sqrt() * out + (1 - abar).sqrt() * x_t        # eps = sqrt(abar) v + sqrt(1-abar) x_t
+
+    def x0_from(self, out, x_t, abar):
+        """x0_hat from the network's output."""
+        abar = torch.as_tensor(abar, dtype=x_t.dtype, device=x_t.device)
+        if self.objective == "eps":
+            return (x_t - (1 - abar).sqrt() * out) / abar.sqrt()
+        return abar.sqrt() * x_t - (1 - abar).sqrt() * out        # x0 = sqrt(abar) x_t - sqrt(1-abar) v
+
+    def predict_eps(self, model, x_t, t, eta=None):
+        """eps_hat(x_t, t, eta): Alg. 1 lines 6-7 run inside the model."""
+        return self.eps_from(model(x_t, t, eta), x_t, _bcast(self.alphas_cumprod[t], x_t))
 
     # -- Algorithm 1 ----------------------------------------------------------------
 
@@ -95,7 +141,10 @@ class Diffusion(nn.Module):
         """One Monte Carlo estimate of Eq. (14) with Gamma_t dropped, averaged over the
         batch, the dimensions and `eta_samples` draws of eta per example (Sec. 5.4).
         Lines 6-7 (z_t = g_xi(eta, x_t, t); theta_hat = theta u f_phi(z_t, t)) run inside
-        model.forward; line 9's update is the caller's optimizer step."""
+        model.forward; line 9's update is the caller's optimizer step. A categorical-mixture
+        model (K components) is trained by mixture_loss instead."""
+        if _components(model):
+            return self.mixture_loss(model, x0)
         B = x0.shape[0]
         t = torch.randint(0, self.T, (B,), device=x0.device)   # line 3: t ~ U{1..T}
         eps = torch.randn_like(x0)                             # line 3: eps ~ N(0, I)
@@ -103,7 +152,7 @@ class Diffusion(nn.Module):
         if eta_samples > 1:                                    # K etas at the same x_t
             x_t, t, eps = (v.repeat_interleave(eta_samples, 0) for v in (x_t, t, eps))
         eta = _draw_eta(model, x_t)                            # line 5: eta ~ N(0, I)
-        eps_hat = model(x_t, t, eta)                           # lines 6-7 inside the model
+        eps_hat = self.predict_eps(model, x_t, t, eta)         # lines 6-7 inside the model
         return F.mse_loss(eps_hat.float(), eps.float())        # line 9: ||eps - eps_hat||^2
 
     # -- Algorithm 2 ----------------------------------------------------------------
@@ -130,7 +179,9 @@ class Diffusion(nn.Module):
         """Algorithm 2 (sampler="ddpm") or DDIM (sampler="ddim") over the kept timesteps;
         returns x_0 clamped to [-1, 1]. eta_mode (SMD models only): "fresh" draws a new eta at
         every step (Alg. 2 line 4); "fixed" draws one per image for the whole chain; "zero"
-        holds eta = 0. With "fixed" or "zero", DDIM at ddim_eta = 0 is deterministic given x_T."""
+        holds eta = 0. With "fixed" or "zero", DDIM at ddim_eta = 0 is deterministic given x_T.
+        A categorical-mixture model picks a component k ~ pi(x_t) at every step and steps with
+        its x0_hat_k (and, if learned, its variance, at every step including the last)."""
         if sampler not in ("ddpm", "ddim") or var not in ("large", "small") or eta_mode not in ("fresh", "fixed", "zero"):
             raise ValueError(f"sampler={sampler!r}, var={var!r}, eta_mode={eta_mode!r}: use ddpm|ddim, large|small "
                              f"and fresh|fixed|zero")
@@ -139,22 +190,34 @@ class Diffusion(nn.Module):
         # one allocation per batch for the step's random draws and timestep, refilled in place
         # every step (the model must not keep them); no host syncs below
         noise, tt = torch.empty_like(x), torch.empty(x.shape[0], device=x.device, dtype=torch.long)
-        d = _latent_dim(model)
+        d, K = _latent_dim(model), _components(model)
         eta = torch.zeros(x.shape[0], d, device=x.device, dtype=x.dtype) if d else None
         if eta is not None and eta_mode == "fixed":
             torch.randn(eta.shape, generator=generator, out=eta)          # one eta per image
-        for t, abar, abar_prev in self.step_coefficients(steps):          # line 2
+        u = torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype) if K else None   # K = 1: no choice
+        coefs = self.step_coefficients(steps)
+        for i, (t, abar, abar_prev) in enumerate(coefs):                  # line 2
             last = abar_prev == 1.0
             torch.randn(x.shape, generator=generator, out=noise)          # line 3: eps ~ N(0, I)
             if eta is not None and eta_mode == "fresh":
                 torch.randn(eta.shape, generator=generator, out=eta)      # line 4: eta ~ N(0, I)
-            eps_hat = model(x, tt.fill_(t), eta).to(x.dtype)              # lines 5-6 in model
+            sigma_k = None
+            if K:                                                         # beyond the paper: k ~ pi(x_t)
+                if K > 1:
+                    torch.rand(u.shape, generator=generator, out=u)
+                x0, sigma_k = self.pick_component(model(x, tt.fill_(t)), x, u, abar, abar_prev,
+                                                  coefs[i - 1][1] if last else abar)
+                eps_hat = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+            else:
+                eps_hat = self.eps_from(model(x, tt.fill_(t), eta).to(x.dtype), x, abar)   # lines 5-6 in model
             if sampler == "ddpm":
                 x = self.ddpm_step(x, eps_hat, abar, abar_prev, var, clip_x0)
                 sigma = math.sqrt(self.ddpm_variance(abar, abar_prev, var))
             else:
                 x, sigma = self.ddim_step(x, eps_hat, abar, abar_prev, ddim_eta, clip_x0)
-            if not last:                                                  # line 3: eps = 0 at t = 1
+            if sigma_k is not None and sampler == "ddpm":                 # a learned variance, last step too
+                x = x + sigma_k * noise
+            elif not last:                                                # line 3: eps = 0 at t = 1
                 x = x + sigma * noise                                     # line 7: + sigma_t eps
         return x.clamp(-1, 1)                                             # line 9
 
@@ -185,6 +248,70 @@ class Diffusion(nn.Module):
             eps_hat = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
         sigma = ddim_eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
         return math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps_hat, sigma
+
+    # -- beyond the paper: a categorical mixture -------------------------------------
+    # p(x_{t-1} | x_t) = sum_k pi_k(x_t) N(mu_k, sigma_k^2 I), mu_k the posterior mean of
+    # q(x_{t-1} | x_t, x_0 = x0_hat_k). The model returns (out_k (B, K, ...), logits (B, K),
+    # v (B, K) or None): K outputs read as x0_hat_k through `objective`, the logits of pi, and,
+    # if learned, per-component variances log sigma_k^2 = f log beta + (1 - f) log beta_tilde,
+    # f = sigmoid(v) (as improved DDPM, with beta_tilde clipped at t = 0 to its t = 1 value).
+
+    def posterior_terms(self, t):
+        """Per-example float64 (abar, c0, beta, beta_tilde, beta_tilde clipped at t = 0) for
+        q(x_{t-1} | x_t, x_0) = N(c0 x_0 + ct x_t, beta_tilde I)."""
+        abar, beta = self.alphas_cumprod[t], self.betas[t]
+        abar_prev = abar / (1 - beta)
+        bt = beta * (1 - abar_prev) / (1 - abar)
+        bt1 = self.betas[1] * (1 - self.alphas_cumprod[0]) / (1 - self.alphas_cumprod[1])
+        return abar, abar_prev.sqrt() * beta / (1 - abar), beta, bt, torch.where(t == 0, bt1, bt)
+
+    def mixture_loss(self, model, x0):
+        """-log p(x_{t-1} | x_t) per dimension, exactly (logsumexp over the K components: no
+        Jensen, no sampled latent), for x_{t-1} ~ q(x_{t-1} | x_t, x_0) and t ~ U{1..T}: the
+        variational bound in nats, constants dropped. With d_k = x0_hat_k - x_0,
+        x_{t-1} - mu_k = sqrt(bt) xi - c0 d_k and sigma_t^2 = beta_tilde_t (clipped at t = 0),
+          log N_k = -(c0^2 |d_k|^2 - 2 c0 sqrt(bt) (d_k - mean_k d).xi) / (2 sigma_t^2) + const,
+        where subtracting mean_k d (the same for every k, and zero-mean since xi is independent
+        of x_t) removes noise without bias. K = 1 is then Eq. (14) with Gamma_t, DDPM's
+        L_{t-1} = Gamma_t |eps - eps_hat|^2. Learned variances add their own term: the full
+        mixture log-density with the means and weights held fixed (stop-gradient, as improved
+        DDPM's L_hybrid), so that a wide variance cannot stand in for a wrong mean."""
+        B = x0.shape[0]
+        t = torch.randint(0, self.T, (B,), device=x0.device)
+        eps = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, eps)
+        out, logits, v = model(x_t, t)
+        abar, c0, beta, bt, s2 = self.posterior_terms(t)
+        x0_k = self.x0_from(out.double(), x_t[:, None].double(), _bcast(abar, out))
+        d = (x0_k - x0[:, None].double()).flatten(2)                         # (B, K, D)
+        xi = torch.randn(B, 1, d.shape[2], device=x0.device, dtype=d.dtype)
+        c0, beta, bt, s2 = (a.view(B, 1) for a in (c0, beta, bt, s2))
+        log_pi = F.log_softmax(logits.double(), 1)
+        cross = ((d - d.mean(1, keepdim=True)) * xi).sum(2)
+        nll = -torch.logsumexp(log_pi - (c0**2 * d.pow(2).sum(2) - 2 * c0 * bt.sqrt() * cross) / (2 * s2), 1)
+        if v is not None:                                                    # the variances' own term
+            log_s2 = torch.lerp(s2.log(), beta.log(), torch.sigmoid(v.double()))
+            r = bt.sqrt()[..., None] * xi - c0[..., None] * d.detach()       # x_{t-1} - mu_k
+            nll = nll - torch.logsumexp(log_pi.detach() - r.pow(2).sum(2) / (2 * log_s2.exp())
+                                        - 0.5 * d.shape[2] * log_s2, 1)
+        return nll.mean().float() / d.shape[2]
+
+    def pick_component(self, output, x, u, abar, abar_prev, abar_clip):
+        """One sampling step's (x0_hat_k, sigma) for k ~ pi(x_t), drawn by inverse CDF from the
+        uniforms u (B, 1). sigma is None for fixed variances, else per-example (B, 1, ...) from
+        the respaced step's beta and beta_tilde (clipped at the last step: abar_clip is abar of
+        the step before it)."""
+        out, logits, v = output
+        k = (logits.float().softmax(1).cumsum(1) < u).sum(1).clamp(max=out.shape[1] - 1)
+        rows = torch.arange(len(k), device=k.device)
+        x0 = self.x0_from(out[rows, k].to(x.dtype), x, abar)
+        if v is None:
+            return x0, None
+        beta = 1 - abar / abar_prev
+        bt = beta * (1 - abar_prev) / (1 - abar) if abar_prev < 1 else \
+            (1 - abar_clip / abar) * (1 - abar) / (1 - abar_clip)
+        log_s2 = math.log(bt) + torch.sigmoid(v[rows, k].to(x.dtype)) * (math.log(beta) - math.log(bt))
+        return x0, _bcast((0.5 * log_s2).exp(), x)
 
 
 # -----------------------------------------------------------------------------
@@ -291,7 +418,7 @@ def eta_sensitivity(model, diffusion, x0, n_eta=8, n_t=10, generator=None):
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = diffusion.q_sample(x0, tt, eps)
         eta = torch.randn(n_eta * B, d, device=x0.device, dtype=x0.dtype, generator=generator)
-        e = model(x_t.repeat(n_eta, *([1] * (x0.dim() - 1))), tt.repeat(n_eta), eta).float()
+        e = diffusion.predict_eps(model, x_t.repeat(n_eta, *([1] * (x0.dim() - 1))), tt.repeat(n_eta), eta).float()
         e = e.view(n_eta, *x0.shape)
         within = e.std(0).mean()            # spread over eta at fixed x_t
         between = e.mean(0).std(0).mean()   # spread over x_t of the eta-average

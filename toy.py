@@ -26,10 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import gmm
 import smd
 
 # -----------------------------------------------------------------------------
-# the data and everything exact about it (float64)
+# the data; everything exact about it is in gmm.py
 
 GRID, SPACING, STD = 7, 0.25, 0.025     # means on [-0.75, 0.75]^2, 10 std apart: |x| < 0.9
 
@@ -41,67 +42,7 @@ def grid_means():
 
 
 MEANS = grid_means()
-
-
-def sample_data(n, generator=None):
-    """x_0 ~ q(x_0) = (1/49) sum_k N(mu_k, STD^2 I)."""
-    k = torch.randint(0, len(MEANS), (n,), generator=generator)
-    return MEANS[k] + STD * torch.randn(n, 2, dtype=torch.float64, generator=generator)
-
-
-def component_logits(x_t, abar):
-    """log w_k N(x_t; sqrt(abar) mu_k, v I) with v = 1 - abar + abar STD^2: the components of
-    q(x_t) (Eq. 26) and, normalised, the posterior weights w'_k of Eq. (29). abar: float or (B,)."""
-    abar = torch.as_tensor(abar, dtype=torch.float64).reshape(-1, 1)
-    v = 1 - abar + abar * STD**2
-    x = x_t.double()
-    d2 = x.pow(2).sum(1, keepdim=True) - 2 * abar.sqrt() * (x @ MEANS.T) + abar * MEANS.pow(2).sum(1)
-    return -d2 / (2 * v) - torch.log(2 * math.pi * v) - math.log(len(MEANS))
-
-
-def log_prob(x, abar=1.0):
-    """log q(x_t) in nats; abar = 1 is the data density."""
-    return component_logits(x, abar).logsumexp(1)
-
-
-def best_gaussian_eps(x_t, abar):
-    """eps* = E[eps | x_t] = -sqrt(1 - abar) grad log q(x_t) (Tweedie): the minimiser of Eq. (5)
-    and so what a perfect vanilla model outputs. grad log q = sum_k w'_k (sqrt(abar) mu_k - x_t) / v."""
-    abar = torch.as_tensor(abar, dtype=torch.float64).reshape(-1, 1)
-    v = 1 - abar + abar * STD**2
-    r = component_logits(x_t, abar.flatten()).softmax(1)                  # w'_k, Eq. (29)
-    grad = (r @ MEANS * abar.sqrt() - x_t.double()) / v
-    return -(1 - abar).sqrt() * grad
-
-
-def best_gaussian_model(diffusion):
-    """eps* as a model(x_t, t, eta=None) for Diffusion.sample (latent_dim 0: vanilla)."""
-    return lambda x, t, eta=None: best_gaussian_eps(x, diffusion.alphas_cumprod[t]).to(x.dtype)
-
-
-def posterior_mixture(x_t, abar, abar_prev):
-    """Eq. (29) for Sigma_k = STD^2 I and one (possibly respaced) step abar -> abar_prev:
-    q(x_prev | x_t) = sum_k w'_k N(mu'_k, s'^2 I) with Lambda = (alpha - abar + abar STD^2) / (1 - alpha),
-    mu'_k = Lambda / (1 + Lambda) x_t / sqrt(alpha) + sqrt(abar_prev) / (1 + Lambda) mu_k = a x_t + b mu_k,
-    s'^2 = (1 - alpha) / alpha * Lambda / (1 + Lambda). Returns (w' (B, 49), a, b, s'^2)."""
-    alpha = abar / abar_prev
-    lam = (alpha - abar + abar * STD**2) / (1 - alpha)
-    w = component_logits(x_t, abar).softmax(1)
-    return w, lam / (1 + lam) / math.sqrt(alpha), math.sqrt(abar_prev) / (1 + lam), (1 - alpha) / alpha * lam / (1 + lam)
-
-
-@torch.no_grad()
-def sample_exact(diffusion, n, steps, generator=None):
-    """Exact mixture denoising: x_T ~ N(0, I), then x_{t-1} ~ q(x_{t-1} | x_t) (Eq. 29) along the
-    respaced chain: pick k ~ w'(x_t), then x_{t-1} ~ N(mu'_k, s'^2 I). The last step (abar_prev = 1)
-    samples x_0 from q(x_0 | x_t) itself."""
-    x = torch.randn(n, 2, dtype=torch.float64, generator=generator)
-    for _, abar, abar_prev in diffusion.step_coefficients(steps):
-        w, a, b, var = posterior_mixture(x, abar, abar_prev)
-        u = torch.rand(n, 1, dtype=torch.float64, generator=generator)
-        k = (w.cumsum(1) < u).sum(1).clamp(max=len(MEANS) - 1)          # inverse-CDF draw of k
-        x = a * x + b * MEANS[k] + math.sqrt(var) * torch.randn(n, 2, dtype=torch.float64, generator=generator)
-    return x.float()
+DATA = gmm.GaussianMixture(MEANS, STD)
 
 # -----------------------------------------------------------------------------
 # metrics: how close is a sample set to q(x_0)?
@@ -119,7 +60,7 @@ def metrics(x, share=0.25):
     counts = torch.bincount(k[ok], minlength=len(MEANS)).double()
     hist = counts / counts.sum().clamp_min(1)
     rms_true = STD * math.sqrt(2 - 9 / math.expm1(4.5))      # E[r^2 | r < 3 std] for 2-D N(0, STD^2 I)
-    return dict(nll=-log_prob(x).mean().item(), precision=ok.double().mean().item(),
+    return dict(nll=-DATA.log_prob(x).mean().item(), precision=ok.double().mean().item(),
                 coverage=int((counts >= share * len(x) / len(MEANS)).sum()),
                 tv=0.5 * (hist - 1 / len(MEANS)).abs().sum().item() if ok.any() else 1.0,
                 spread=(d[ok].pow(2).mean().sqrt() / rms_true).item() if ok.any() else float("nan"))
@@ -131,18 +72,26 @@ def metrics(x, share=0.25):
 class Denoiser(nn.Module):
     """eps_theta(x_t, t): h = W x + time; `depth` residual blocks h <- h + W silu(modulate(norm(h)));
     out = W silu(norm(h)). With latent_dim > 0 the blocks' (scale, shift) = f_phi(g_xi(eta, h_0, t), t)
-    (Eq. 11, Alg. 1 lines 6-7) from smd.SoftMixture; with eta = None the model is vanilla."""
+    (Eq. 11, Alg. 1 lines 6-7) from smd.SoftMixture; with eta = None the model is vanilla. With
+    components = K > 0 (beyond the paper) it returns K outputs, K mixture logits and, if
+    learned_var, K variance interpolations, from the same last features (smd.Diffusion.mixture_loss)."""
 
-    def __init__(self, width=128, depth=3, latent_dim=0, T=1000, temb_dim=64, mix_hidden=64, n_freq=6):
+    def __init__(self, width=128, depth=3, latent_dim=0, T=1000, temb_dim=64, mix_hidden=64, n_freq=6,
+                 components=0, learned_var=False):
         super().__init__()
         self.latent_dim, self.t_scale, self.temb_dim = latent_dim, 1000 / T, temb_dim
+        self.components, self.learned_var = components, learned_var
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq), persistent=False)
         self.time = smd.mlp(temb_dim, temb_dim, temb_dim, depth=1)
         self.inp, self.tproj = nn.Linear(2 + 4 * n_freq, width), nn.Linear(temb_dim, width)
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
         self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 2))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 2 * max(components, 1)))
         self.mix = smd.SoftMixture(latent_dim, width, temb_dim, [width] * depth, mix_hidden) if latent_dim else None
+        self.head = nn.Linear(width, components * (2 if learned_var else 1)) if components else None
+        if self.head is not None:   # uniform pi and mid-range variances at the start
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, x, t, eta=None):
         tu, inv = torch.unique(t, return_inverse=True)      # sampling has one t per batch: embed it once
@@ -153,17 +102,22 @@ class Denoiser(nn.Module):
         mods = self.mix(eta, h, e) if self.mix is not None else [None] * len(self.blocks)
         for norm, lin, mod in zip(self.norms, self.blocks, mods):
             h = h + lin(F.silu(smd.modulate(norm(h), mod)))
-        return self.out(h)
+        if self.head is None:
+            return self.out(h)
+        h, K = self.out[:-1](h), self.components
+        head = self.head(h)
+        return self.out[-1](h).view(-1, K, 2), head[:, :K], head[:, K:] if self.learned_var else None
 
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def matched_width(target, depth, T):
-    """The smallest vanilla width with at least `target` parameters (fair capacity)."""
+def matched_width(target, make):
+    """The smallest width w (a multiple of 8) whose model make(w) has at least `target`
+    parameters (fair capacity)."""
     w = 8
-    while n_params(Denoiser(w, depth, 0, T)) < target:
+    while n_params(make(w)) < target:
         w += 8
     return w
 
@@ -213,11 +167,11 @@ def train(model, diffusion, args, objective):
     for it in range(args.iters):
         for g in opt.param_groups:
             g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * it / args.iters))
-        x0 = sample_data(args.batch).float()
+        x0 = DATA.sample(args.batch).float()
         if objective == "iwae":
             loss = iwae_loss(model, diffusion, x0[:max(1, args.batch // args.K)], args.K)   # same rows per step
-        else:   # Algorithm 1 (vanilla: eta is None; SMD: one eta per example, the paper's Jensen bound)
-            loss = diffusion.loss(model, x0)
+        else:   # Algorithm 1 (vanilla: eta is None; SMD: one eta per example, the paper's Jensen bound),
+            loss = diffusion.loss(model, x0)   # or a mixture's exact likelihood (Diffusion.mixture_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -228,41 +182,63 @@ def train(model, diffusion, args, objective):
 # one seed: train, sample everything, score everything
 
 
+def build_models(args):
+    """{name: (objective, make_model, diffusion)} for the objectives asked for. Parameters are
+    matched: vanilla's width is raised to SMD's parameter count, a mixture's width to vanilla's."""
+    eps, v = smd.Diffusion(args.T), smd.Diffusion(args.T, objective="v")   # mixtures read their x0_hat_k via v
+    new_smd = lambda w: Denoiser(w, args.depth, args.latent_dim, args.T, mix_hidden=args.mix_hidden)
+    has_smd = any(o in ("jensen", "iwae") for o in args.smd_objective)
+    vw = matched_width(n_params(new_smd(args.width)), lambda w: Denoiser(w, args.depth, 0, args.T)) \
+        if args.match_params and has_smd else args.width
+    out = {"vanilla": ("jensen", lambda: Denoiser(vw, args.depth, 0, args.T), eps)}
+    for o in args.smd_objective:
+        if o in ("jensen", "iwae"):
+            out[f"SMD-{o}"] = (o, lambda: new_smd(args.width), eps)
+        elif o in ("mixture", "mixture-var"):
+            new_mix = lambda w, lv=o == "mixture-var": Denoiser(w, args.depth, 0, args.T, components=args.components,
+                                                                 learned_var=lv)
+            mw = matched_width(n_params(out["vanilla"][1]()), new_mix) if args.match_params else args.width
+            out[f"mixture K={args.components}" + (", learned var" if o == "mixture-var" else "")] = \
+                (o, lambda mw=mw, new_mix=new_mix: new_mix(mw), v)
+        else:
+            raise SystemExit(f"toy.py: unknown objective {o!r}: use jensen, iwae, mixture or mixture-var")
+    return out
+
+
 def run(args, seed):
-    """Train vanilla and SMD models from the same seed (same init stream, same batches: common
-    random numbers), then sample and score them and both references at every step count."""
-    diffusion = smd.Diffusion(args.T)
+    """Train every model from the same seed (same init stream, same batches: common random
+    numbers), then sample and score them and both references at every step count."""
     steps_list = [s for s in args.steps if s <= args.T]
-    new_smd = lambda: Denoiser(args.width, args.depth, args.latent_dim, args.T, mix_hidden=args.mix_hidden)
-    vw = matched_width(n_params(new_smd()), args.depth, args.T) if args.match_params else args.width
     models, info = {}, {}
-    for name, objective in [("vanilla", "jensen")] + [(f"SMD-{o}", o) for o in args.smd_objective]:
+    for name, (objective, make, diffusion) in build_models(args).items():
         torch.manual_seed(seed)
-        model = Denoiser(vw, args.depth, 0, args.T) if name == "vanilla" else new_smd()
+        model = make()
         t0 = time.time()
         final_loss = train(model, diffusion, args, objective)
         model.eval()
         info[name] = dict(params=n_params(model), loss=final_loss, train_s=time.time() - t0,
-                          eta_sensitivity=smd.eta_sensitivity(model, diffusion, sample_data(1000).float())[0]
+                          eta_sensitivity=smd.eta_sensitivity(model, diffusion, DATA.sample(1000).float())[0]
                           if model.latent_dim else 0.0)
         print(f"seed {seed} {name}: {info[name]['params']:,} params, final loss {final_loss:.4f} ({objective}), "
               f"eta-sensitivity {info[name]['eta_sensitivity']:.4f}, {info[name]['train_s']:.0f}s")
-        models[name] = model
+        models[name] = (model, diffusion)
         if model.latent_dim:
-            models[name + " eta=0"] = eta_fixed(model)
+            models[name + " eta=0"] = (eta_fixed(model), diffusion)
     rows, gen = [], lambda s: torch.Generator().manual_seed(seed * 100003 + s)
 
     def score(name, var, s, x, **extra):
         rows.append(dict(model=name, var=var, steps=s, **extra, **metrics(x), _x=x.float()))
 
-    score("data", "-", 0, sample_data(args.n, gen(0)))
+    reference = smd.Diffusion(args.T)
+    score("data", "-", 0, DATA.sample(args.n, gen(0)))
     for s in steps_list:
-        score("exact mixture", "-", s, sample_exact(diffusion, args.n, s, gen(s)))
-    samplers = [("best Gaussian", best_gaussian_model(diffusion), torch.float64)] + \
-               [(k, m, torch.float32) for k, m in models.items()]
+        score("exact mixture", "-", s, DATA.sample_exact(reference, args.n, s, gen(s)))
+    samplers = [("best Gaussian", DATA.best_gaussian_model(reference), reference, torch.float64)] + \
+               [(k, m, d, torch.float32) for k, (m, d) in models.items()]
     with torch.no_grad():
-        for name, model, dtype in samplers:
-            for var in args.var[:1] if name.endswith("eta=0") else args.var:     # eta=0: first var only
+        for name, model, diffusion, dtype in samplers:
+            # eta=0 and mixtures (trained with beta_tilde, or their own variances): the first var only
+            for var in args.var[:1] if name.endswith("eta=0") or name.startswith("mixture") else args.var:
                 for s in steps_list:
                     t0 = time.time()     # Diffusion.sample clamps to [-1, 1]; the data lie in |x| < 0.9
                     x = diffusion.sample(model, (args.n, 2), steps=s, var=var, generator=gen(s), dtype=dtype)
@@ -340,8 +316,11 @@ def main():
     p.add_argument("--T", type=int, default=1000, help="training chain length")
     p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[1000, 100, 20, 10, 5])
     p.add_argument("--var", type=lambda s: s.split(","), default=["large", "small"])
-    p.add_argument("--smd-objective", type=lambda s: s.split(","), default=["jensen"], help="jensen|iwae|jensen,iwae")
+    p.add_argument("--smd-objective", type=lambda s: s.split(","), default=["jensen"],
+                   help="comma-separated: jensen (the paper's SMD), iwae (SMD, importance-weighted bound), "
+                        "mixture (K components, beta_tilde variances), mixture-var (learned variances)")
     p.add_argument("--K", type=int, default=8, help="etas per example for --smd-objective iwae")
+    p.add_argument("--components", type=int, default=49, help="mixture: number of components K")
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--latent-dim", type=int, default=4)

@@ -35,7 +35,7 @@ from checkpoint import (MODEL_FIELDS, build_diffusion, cuda_defaults, fmt_time, 
 from data import make_batches, save_grid, to_uint8
 from unet import UNet, UNetConfig
 
-RUN_FIXED = ("dataset", "T", "schedule")   # with the model's fields: what --resume may not change
+RUN_FIXED = ("dataset", "T", "schedule", "objective")   # with the model's fields: what --resume may not change
 MACHINE = ("resume", "out_dir", "device", "compile", "amp", "workers")   # never taken from a checkpoint
 
 
@@ -59,12 +59,17 @@ def get_parser():
     p.add_argument("--dropout", type=float, default=UNetConfig.dropout)
     p.add_argument("--smd", action="store_true", help="Soft Mixture Denoising (else plain DDPM)")
     p.add_argument("--latent-dim", type=int, default=UNetConfig.latent_dim, help="SMD: dimension of eta and z_t")
+    p.add_argument("--mixture", dest="components", type=int, default=UNetConfig.components, metavar="K",
+                   help="beyond the paper: a mixture of K Gaussians per step, trained by its exact likelihood")
+    p.add_argument("--learned-var", action="store_true", help="mixture: learn each component's variance")
     p.add_argument("--init", default=None, help="start from published DDPM weights (diffusers' format): "
                    "google/ddpm-cifar10-32, a folder or a .bin/.safetensors file; they fix the network's shape")
     # the chain and the optimisation
     p.add_argument("--eta-samples", type=int, default=1, help="SMD: etas per example in the loss (Sec. 5.4)")
     p.add_argument("--T", type=int, default=1000, help="diffusion steps")
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
+    p.add_argument("--schedule", default="linear", choices=sorted(smd.SCHEDULES))
+    p.add_argument("--objective", default="eps", choices=["eps", "v"],
+                   help="what the U-Net predicts; the loss is ||eps - eps_hat||^2 either way")
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split over the ranks")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps")
@@ -107,7 +112,8 @@ def resume(args, explicit, path):
         cfg = model_config(ckpt)
     except (OSError, RuntimeError, ValueError) as e:
         raise SystemExit(f"train.py: --resume: {e}")
-    fixed = {**{k: ckpt["config"][k] for k in RUN_FIXED}, **dataclasses.asdict(cfg)}
+    run = {"objective": "eps", **ckpt["config"]}   # checkpoints from before --objective predicted eps
+    fixed = {**{k: run[k] for k in RUN_FIXED}, **dataclasses.asdict(cfg)}
     bad = [f"--{k.replace('_', '-')} {explicit[k]!r} (checkpoint: {fixed[k]!r})"
            for k in fixed if k in explicit and explicit[k] != fixed[k]]
     if bad:
@@ -131,9 +137,9 @@ def initial_weights(args, explicit, channels, image_size):
     """(DDPM U-Net, the UNetConfig of this run, description) for --init: the published weights
     fix the network's shape; --smd, --latent-dim and --dropout are this run's."""
     given = [k for k in MODEL_FIELDS if k in explicit and k not in ("smd", "latent_dim", "dropout")]
-    if given or args.T != 1000 or args.schedule != "linear":
-        raise ValueError(f"--init {args.init}: the weights fix the network and the chain (T=1000, linear betas): "
-                         f"drop {', '.join('--' + k.replace('_', '-') for k in given) or '--T/--schedule'}")
+    if given or args.T != 1000 or args.schedule != "linear" or args.objective != "eps":
+        raise ValueError(f"--init {args.init}: the weights fix the network and the chain (T=1000, linear betas, "
+                         f"eps): drop {', '.join('--' + k.replace('_', '-') for k in given) or '--T/--schedule/--objective'}")
     model, cfg, desc = load_pretrained(args.init)
     if (cfg.channels, cfg.image_size) != (channels, image_size):
         raise ValueError(f"--init {args.init} takes {cfg.channels}x{cfg.image_size}x{cfg.image_size} images, "
@@ -281,7 +287,8 @@ def main(argv=None):
     meta = {"config": config, "model_config": dataclasses.asdict(cfg)}
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
-        print(f"{'SMD' if cfg.smd else 'DDPM'} U-Net, {sum(p.numel() for p in params):,} parameters, {args.dataset} "
+        kind = "SMD" if cfg.smd else f"mixture-of-{cfg.components}" if cfg.components else "DDPM"
+        print(f"{kind} U-Net, {sum(p.numel() for p in params):,} parameters, {args.dataset} "
               f"{channels}x{image_size}x{image_size}, batch {args.batch_size} on {world} x {device}, "
               f"compile={compile_}, bf16={amp}", flush=True)
 

@@ -6,6 +6,10 @@ level, attention at 16x16 and in the middle, dropout 0.1): 35,746,307 parameters
 UNetConfig(smd=True) adds a smd.SoftMixture: the pooled encoder bottleneck feeds g_xi, and
 f_phi's (scale, shift) modulate the GroupNorm before the second conv of every middle and
 decoder ResBlock (Eq. 11: theta_hat = theta u f_phi(z_t, t)).
+UNetConfig(components=K) (beyond the paper) makes the last conv output K predictions and adds
+a small MLP on the pooled bottleneck and the time embedding for the K mixture logits (and K
+variance interpolations if learned_var); forward then returns (outputs (B, K, C, H, W),
+logits (B, K), v (B, K) or None), which smd.Diffusion reads as a mixture of K Gaussians.
 
     python unet.py              # parameter counts of the CIFAR-10 models, and the matched control
 """
@@ -17,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smd import SoftMixture, modulate, timestep_embedding
+from smd import SoftMixture, mlp, modulate, timestep_embedding
 
 DEFAULT_CH_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
 
@@ -34,6 +38,8 @@ class UNetConfig:
     dropout: float = 0.1
     smd: bool = False            # Soft Mixture Denoising: g_xi and f_phi (smd.SoftMixture)
     latent_dim: int = 64         # SMD: dimension of eta and z_t
+    components: int = 0          # K > 0: a categorical mixture of K Gaussians (smd.Diffusion.mixture_loss)
+    learned_var: bool = False    # mixture: a learned variance per component
     norm_eps: float = 1e-6       # GroupNorm epsilon, DDPM's (TF's); checkpoints before it had 1e-5
     tf_downsample: bool = True   # pad right/bottom before the stride-2 conv, as TF's 'SAME' in DDPM;
                                  # False: pad 1 on every side (checkpoints written before this field)
@@ -44,6 +50,9 @@ class UNetConfig:
                 raise ValueError(f"image_size={self.image_size}: give ch_mult, or use one of {sorted(DEFAULT_CH_MULT)}")
             self.ch_mult = DEFAULT_CH_MULT[self.image_size]
         self.ch_mult, self.attn_res = tuple(self.ch_mult), tuple(self.attn_res)
+        if self.smd and self.components:
+            raise ValueError("smd (the paper's continuous latent) and components (a categorical mixture) are "
+                             "two different denoisers: choose one")
         if self.image_size % 2 ** (len(self.ch_mult) - 1):
             raise ValueError(f"image_size={self.image_size} is not divisible by 2^{len(self.ch_mult) - 1} "
                              f"(ch_mult={self.ch_mult})")
@@ -114,6 +123,7 @@ class UNet(nn.Module):
         self.config = c = config or UNetConfig()
         self.image_size, self.channels = c.image_size, c.channels
         self.latent_dim = c.latent_dim if c.smd else 0   # smd.Diffusion draws eta of this size
+        self.components = c.components                   # smd.Diffusion trains and samples a mixture
         temb_dim = 4 * c.ch
         self.temb = nn.Sequential(nn.Linear(c.ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(c.channels, c.ch, 3, padding=1)
@@ -140,8 +150,9 @@ class UNet(nn.Module):
             if level != 0:
                 self.up.append(Upsample(ch))
                 res *= 2
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, c.channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, c.channels * max(c.components, 1), 3, padding=1))
+        if not c.components:   # K components must start different from each other
+            nn.init.zeros_(self.out[-1].weight)
         for m in self.modules():
             if isinstance(m, nn.GroupNorm):
                 m.eps = c.norm_eps
@@ -155,6 +166,13 @@ class UNet(nn.Module):
                                        block_channels=[layers[i].conv2.out_channels for i in self.modulated],
                                        hidden=temb_dim)
 
+        self.mixture_head = None
+        if c.components:   # logits of pi_k(x_t) (and v_k), zero at the start: uniform pi
+            bottleneck = self.mid[0].conv1.in_channels
+            self.mixture_head = mlp(bottleneck + temb_dim, temb_dim, c.components * (2 if c.learned_var else 1), depth=1)
+            nn.init.zeros_(self.mixture_head[-1].weight)
+            nn.init.zeros_(self.mixture_head[-1].bias)
+
     def forward(self, x, t, eta=None):
         if x.shape[1:] != (self.channels, self.image_size, self.image_size):
             raise ValueError(f"input of shape {tuple(x.shape)}, this UNet takes "
@@ -164,26 +182,47 @@ class UNet(nn.Module):
         for layer in self.down:
             hs.append(layer(hs[-1], temb))
         h = hs[-1]
+        pooled = h.float().mean((2, 3)).to(temb.dtype)
         mods = {}                               # layer index in mid + up -> (scale, shift)
         if self.mixture is not None:
             if eta is None:
                 raise ValueError("an SMD U-Net needs eta ~ N(0, I) of shape (B, latent_dim): "
                                  "smd.Diffusion draws it (Alg. 1 line 5, Alg. 2 line 4)")
-            pooled = h.float().mean((2, 3)).to(temb.dtype)
             mods = dict(zip(self.modulated, self.mixture(eta, pooled, temb)))   # Alg. 1 lines 6-7
         for i, layer in enumerate([*self.mid, *self.up]):
             if isinstance(layer, Upsample):
                 h = layer(h)
             else:                               # decoder blocks eat one skip each
                 h = layer(h if i < len(self.mid) else torch.cat([h, hs.pop()], 1), temb, mods.get(i))
-        return self.out(h)
+        if self.mixture_head is None:
+            return self.out(h)
+        K = self.components
+        head = self.mixture_head(torch.cat([pooled, temb], 1)).float()
+        out = self.out(h).view(x.shape[0], K, self.channels, self.image_size, self.image_size)
+        return out, head[:, :K], head[:, K:] if self.config.learned_var else None
 
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def matched_ch(target, **config):
+    """The smallest base width ch (a multiple of 8) whose vanilla U-Net has at least `target`
+    parameters: the parameter-matched control for an SMD or mixture model. (GroupNorm then
+    has gcd(32, ch) groups: 8 at ch = 136.)"""
+    ch = 8
+    while n_params(UNet(UNetConfig(ch=ch, **config))) < target:
+        ch += 8
+    return ch
+
+
 if __name__ == "__main__":
     vanilla, smd = n_params(UNet()), n_params(UNet(UNetConfig(smd=True)))
     print(f"UNet (DDPM, CIFAR-10): {vanilla:,} parameters")
     print(f"UNet + SMD (latent 64): {smd:,} parameters (+{100 * (smd / vanilla - 1):.1f}%)")
+    ch = matched_ch(smd)
+    control = n_params(UNet(UNetConfig(ch=ch)))
+    print(f"the parameter-matched vanilla control: --ch {ch}, {control:,} parameters "
+          f"({100 * (control / smd - 1):+.1f}% vs SMD)")
+    mix = n_params(UNet(UNetConfig(components=10)))
+    print(f"UNet, mixture of 10 components (--mixture 10): {mix:,} parameters (+{100 * (mix / vanilla - 1):.1f}%)")

@@ -48,7 +48,7 @@ def test_short_chains_are_respaced_ddpm(T):
 
 
 def test_unknown_schedule_and_bad_steps_raise():
-    with pytest.raises(ValueError, match="unknown schedule"):
+    with pytest.raises(ValueError, match="schedule=.quadratic.*use one of"):
         smd.Diffusion(schedule="quadratic")
     with pytest.raises(ValueError, match="between 2 and T"):
         smd.Diffusion(T=10).timesteps(11)
@@ -252,3 +252,171 @@ def test_eta_sensitivity():
     assert all(r > 0.3 for t, r in per_t if t < 300) and all(r == 0 for t, r in per_t if t >= 300)
     assert mean == pytest.approx(np.mean([r for _, r in per_t]))
     assert smd.eta_sensitivity(GaussianOracle(1.0, ABAR), d, x0)[0] == 0.0   # vanilla: no latent
+
+
+# ----------------------------------------------------------------------------- the authors' choices
+
+def test_sigmoid_schedule_is_the_authors():
+    """Their sigmoid_beta_schedule (lucidrains' denoising-diffusion-pytorch), written out here in
+    torch: betas from the logistic abar curve, clipped to [0, 0.999]. (Theirs takes sigmoid(start)
+    and sigmoid(end) in float32, which moves betas by ~1e-5 relative; here all is float64.)"""
+    T, start, end, tau = 1000, -3, 3, 1
+    t = torch.linspace(0, T, T + 1, dtype=torch.float64) / T
+    v_start, v_end = (torch.tensor(v / tau, dtype=torch.float64).sigmoid() for v in (start, end))
+    abar = (-((t * (end - start) + start) / tau).sigmoid() + v_end) / (v_end - v_start)
+    abar = abar / abar[0]
+    betas = torch.clip(1 - abar[1:] / abar[:-1], 0, 0.999)
+    d = smd.Diffusion(T, "sigmoid")
+    torch.testing.assert_close(d.betas, betas, rtol=1e-10, atol=1e-12)
+    assert d.betas[-1] == 0.999 and 0 < d.alphas_cumprod[-1] < 1e-6
+
+
+def test_v_objective_closed_forms():
+    """v = sqrt(abar) eps - sqrt(1-abar) x0: the conversions invert it, and the loss of the
+    exact v-predictor of Gaussian data is the eps closed form (the authors' abar-weighted
+    v loss is ||eps - eps_hat||^2)."""
+    d = smd.Diffusion(objective="v")
+    x0, eps, abar = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64), 0.3
+    x_t = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps
+    v = math.sqrt(abar) * eps - math.sqrt(1 - abar) * x0
+    torch.testing.assert_close(d.eps_from(v, x_t, abar), eps)
+    torch.testing.assert_close(d.x0_from(v, x_t, abar), x0)
+
+    class VOracle(GaussianOracle):     # E[v | x_t] = sqrt(abar) E[eps | x_t] - sqrt(1-abar) E[x0 | x_t]
+        def __call__(self, x, t, eta=None):
+            a = self.abar[t].to(x.dtype).view(-1, 1)
+            e = super().__call__(x, t)
+            return a.sqrt() * e - (1 - a).sqrt() * (x - (1 - a).sqrt() * e) / a.sqrt()
+
+    s = 0.5
+    torch.manual_seed(0)
+    x0 = s * torch.randn(400_000, 4, dtype=torch.float64)
+    expected = np.mean(ABAR * s**2 / (ABAR * s**2 + 1 - ABAR))
+    assert d.loss(VOracle(s, ABAR), x0).item() == pytest.approx(expected, rel=0.01)
+    with pytest.raises(ValueError, match="objective='x0'"):
+        smd.Diffusion(objective="x0")
+
+
+# ----------------------------------------------------------------------------- beyond the paper: a categorical mixture
+
+class Mixture(torch.nn.Module):
+    """A mixture model with given outputs: out (K, D) per component (read through the
+    objective), logits (K,), v (K,) or None, the same for every x_t."""
+
+    def __init__(self, out, logits, v=None):
+        super().__init__()
+        self.out, self.logits, self.v, self.components = out, logits, v, len(logits)
+
+    def forward(self, x, t, eta=None):
+        B = x.shape[0]
+        v = None if self.v is None else self.v.expand(B, -1)
+        return self.out.expand(B, *self.out.shape).to(x.dtype), self.logits.expand(B, -1), v
+
+
+class OneComponent(torch.nn.Module):
+    """Any eps model as a mixture of K = 1 (its x0_hat through the eps objective)."""
+    components = 1
+
+    def __init__(self, eps_model):
+        super().__init__()
+        self.eps_model = eps_model
+
+    def forward(self, x, t, eta=None):
+        return self.eps_model(x, t)[:, None], torch.zeros(x.shape[0], 1, dtype=x.dtype), None
+
+
+def test_mixture_of_one_is_ddpm():
+    """K = 1 with fixed variances: the mixture loss is Eq. (14) with Gamma_t (DDPM's L_{t-1}) on
+    the same draws, and the sampler (DDPM large/small, DDIM) is DDPM's, step for step."""
+    d, oracle = smd.Diffusion(T=20), GaussianOracle(0.3, smd.Diffusion(T=20).alphas_cumprod)
+    x0 = 0.3 * torch.randn(64, 8, dtype=torch.float64)
+    torch.manual_seed(5)
+    ours = d.loss(OneComponent(oracle), x0)
+    torch.manual_seed(5)                                  # the same t and eps
+    t = torch.randint(0, d.T, (64,))
+    eps = torch.randn_like(x0)
+    abar, c0, beta, bt, s2 = d.posterior_terms(t)
+    gamma = c0**2 * (1 - abar) / abar / (2 * s2)          # Gamma_t = c^2 / (2 sigma_t^2), c in eps units
+    ref = (gamma[:, None] * (oracle(d.q_sample(x0, t, eps), t) - eps) ** 2).mean()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    x_T = torch.randn(16, 8, dtype=torch.float64)
+    for kw in (dict(var="large"), dict(var="small"), dict(sampler="ddim")):
+        a = d.sample(OneComponent(oracle), x_T.shape, x_T=x_T.clone(), generator=torch.Generator().manual_seed(1), **kw)
+        b = d.sample(oracle, x_T.shape, x_T=x_T.clone(), generator=torch.Generator().manual_seed(1), **kw)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def mixture_nll(d, x0, t, eps, xi, out, logits, log_s2):
+    """-log sum_k pi_k N(x_{t-1}; mu_k, s_k^2 I) per dimension for x_{t-1} = mu_tilde + sqrt(bt) xi,
+    written from DDPM's posterior formulas without mixture_loss's algebra (log 2 pi dropped)."""
+    abar, betas = d.alphas_cumprod[t], d.betas[t]
+    ap = abar / (1 - betas)
+    c0, ct, bt = ap.sqrt() * betas / (1 - abar), (1 - betas).sqrt() * (1 - ap) / (1 - abar), betas * (1 - ap) / (1 - abar)
+    x_t = abar.sqrt()[:, None] * x0 + (1 - abar).sqrt()[:, None] * eps
+    x_prev = c0[:, None] * x0 + ct[:, None] * x_t + bt.sqrt()[:, None] * xi
+    mu = c0[:, None, None] * d.x0_from(out, x_t[:, None], abar.view(-1, 1, 1)) + ct[:, None, None] * x_t[:, None]
+    logn = -((x_prev[:, None] - mu) ** 2).sum(2) / (2 * log_s2.exp()) - 0.5 * x0.shape[1] * log_s2
+    return -torch.logsumexp(torch.log_softmax(logits, 1) + logn, 1) / x0.shape[1]
+
+
+def test_mixture_loss_against_brute_force():
+    """On 100k fresh draws for one x_0: the loss is the brute-force mixture NLL of the fixed
+    variances plus, if learned, that of the learned ones (the control variate and the dropped
+    constants aside: E |sqrt(bt) xi|^2 / (2 s^2) + (D/2) log s^2 for the fixed part); and the
+    learned variances' term sends no gradient to the means or the weights."""
+    torch.manual_seed(0)
+    d, K, D, B = smd.Diffusion(T=5, objective="v"), 3, 4, 100_000
+    out, logits, v = (torch.randn(*s, dtype=torch.float64) for s in ((K, D), (K,), (K,)))
+    x0 = torch.randn(1, D, dtype=torch.float64).clamp(-1, 1).expand(B, D).contiguous()
+    t = torch.randint(0, d.T, (B,))
+    eps, xi = torch.randn_like(x0), torch.randn_like(x0)
+    abar, c0, beta, bt, s2 = d.posterior_terms(t)
+    outs, lg = out.expand(B, K, D), logits.expand(B, K)
+    fixed = mixture_nll(d, x0, t, eps, xi, outs, lg, s2.log()[:, None].expand(B, K))
+    fixed = fixed - (bt / (2 * s2) + 0.5 * s2.log())          # the constants mixture_loss drops
+    learned = mixture_nll(d, x0, t, eps, xi, outs, lg, torch.lerp(s2.log()[:, None], beta.log()[:, None], v.sigmoid()))
+    torch.manual_seed(1)
+    ours_fixed = d.mixture_loss(Mixture(out, logits), x0).item()
+    torch.manual_seed(1)
+    ours_learned = d.mixture_loss(Mixture(out, logits, v), x0).item()
+    assert ours_fixed == pytest.approx(fixed.mean().item(), rel=0.01)
+    assert ours_learned == pytest.approx((fixed + learned).mean().item(), rel=0.01)
+
+    grads = []
+    for var in (None, v):                                     # same draws: means and logits get the same gradient
+        o, lgt = out.clone().requires_grad_(), logits.clone().requires_grad_()
+        torch.manual_seed(3)
+        d.mixture_loss(Mixture(o, lgt, var), x0[:512]).backward()
+        grads.append((o.grad, lgt.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-12)
+
+
+def test_mixture_sampler_picks_components_with_their_probabilities():
+    """Three components whose x0_hat_k are -0.8, 0 and 0.8 at every x_t, pi = (0.6, 0.3, 0.1): with
+    fixed variances the last step lands exactly on the x0_hat_k it picks (c0 = 1, ct = 0, no
+    noise), so the samples' histogram is pi; a learned variance adds noise at that step too."""
+    d = smd.Diffusion(T=3, objective="v")
+    x0s = torch.tensor([-0.8, 0.0, 0.8], dtype=torch.float64)
+    pi = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+
+    class ExactX0(torch.nn.Module):
+        components = 3
+
+        def __init__(self, v=None):
+            super().__init__()
+            self.v = v
+
+        def forward(self, x, t, eta=None):
+            a = d.alphas_cumprod[t].view(-1, 1, 1)
+            out = (a.sqrt() * x[:, None] - x0s.view(1, 3, 1)) / (1 - a).sqrt()   # x0_from(out) = x0s
+            return out, pi.log().expand(len(x), -1), None if self.v is None else self.v.expand(len(x), -1)
+
+    x = d.sample(ExactX0(), (30_000, 1), generator=torch.Generator().manual_seed(0), var="small", dtype=torch.float64)
+    share = torch.stack([(x - c).abs().lt(1e-9).double().mean() for c in x0s])
+    assert share.sum().item() == 1.0
+    torch.testing.assert_close(share, pi, atol=0.01, rtol=0)
+    x = d.sample(ExactX0(torch.zeros(3)), (30_000, 1), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    beta = 1 - d.abar_host[0]                                  # last step: sigma^2 = beta = beta_tilde clipped
+    spread = (x - x0s[(x - x0s).abs().argmin(1)][:, None]).std().item()
+    assert spread == pytest.approx(math.sqrt(beta), rel=0.03)
