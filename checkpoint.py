@@ -27,7 +27,9 @@ from data import atomic_write
 from unet import UNet, UNetConfig
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(UNetConfig)]
-LEGACY = {"norm_eps": 1e-5, "tf_downsample": False}   # how checkpoints without model_config were built
+# checkpoints without model_config: the network's fields they hold, and how they were built
+OLD_FIELDS = ("image_size", "channels", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout", "smd", "latent_dim")
+LEGACY = {"norm_eps": 1e-5, "tf_downsample": False}
 
 
 def model_config(ckpt):
@@ -35,10 +37,10 @@ def model_config(ckpt):
     if "model_config" in ckpt:
         return UNetConfig(**ckpt["model_config"])
     config = ckpt["config"]
-    missing = [k for k in MODEL_FIELDS if k not in config and k not in LEGACY]
+    missing = [k for k in OLD_FIELDS if k not in config]
     if missing:
         raise ValueError(f"its config lacks {missing}: a checkpoint of another model?")
-    return UNetConfig(**{**LEGACY, **{k: config[k] for k in MODEL_FIELDS if k in config}})
+    return UNetConfig(**LEGACY, **{k: config[k] for k in OLD_FIELDS})
 
 
 def build_diffusion(config):

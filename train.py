@@ -92,6 +92,11 @@ def get_parser():
     return p
 
 
+def flag(dest):
+    """The command-line flag of an argument (--mixture for components)."""
+    return next(a.option_strings[0] for a in get_parser()._actions if a.dest == dest)
+
+
 def explicit_args(argv):
     """Only the options given on the command line (resume checks them against the checkpoint)."""
     p = get_parser()
@@ -114,7 +119,7 @@ def resume(args, explicit, path):
         raise SystemExit(f"train.py: --resume: {e}")
     run = {"objective": "eps", **ckpt["config"]}   # checkpoints from before --objective predicted eps
     fixed = {**{k: run[k] for k in RUN_FIXED}, **dataclasses.asdict(cfg)}
-    bad = [f"--{k.replace('_', '-')} {explicit[k]!r} (checkpoint: {fixed[k]!r})"
+    bad = [f"{flag(k)} {explicit[k]!r} (checkpoint: {fixed[k]!r})"
            for k in fixed if k in explicit and explicit[k] != fixed[k]]
     if bad:
         raise SystemExit(f"train.py: --resume: this run contradicts {path}: {'; '.join(bad)}. Drop these flags "
@@ -139,7 +144,7 @@ def initial_weights(args, explicit, channels, image_size):
     given = [k for k in MODEL_FIELDS if k in explicit and k not in ("smd", "latent_dim", "dropout")]
     if given or args.T != 1000 or args.schedule != "linear" or args.objective != "eps":
         raise ValueError(f"--init {args.init}: the weights fix the network and the chain (T=1000, linear betas, "
-                         f"eps): drop {', '.join('--' + k.replace('_', '-') for k in given) or '--T/--schedule/--objective'}")
+                         f"eps): drop {', '.join(map(flag, given)) or '--T/--schedule/--objective'}")
     model, cfg, desc = load_pretrained(args.init)
     if (cfg.channels, cfg.image_size) != (channels, image_size):
         raise ValueError(f"--init {args.init} takes {cfg.channels}x{cfg.image_size}x{cfg.image_size} images, "
@@ -250,10 +255,12 @@ def main(argv=None):
                                                   args.seed, step, rank, world, device)
         if cfg and cfg.channels != channels:
             raise ValueError(f"--resume: the data has {channels} channels, the checkpoint's model takes {cfg.channels}")
-        init = None if cfg or not args.init else initial_weights(args, explicit, channels, image_size)
-        cfg = cfg or (init[1] if init else UNetConfig(
-            image_size=image_size, channels=channels,
-            **{k: v for k, v in vars(args).items() if k in MODEL_FIELDS and k != "image_size"}))
+        init_model = None
+        if cfg is None and args.init:
+            init_model, cfg, init_desc = initial_weights(args, explicit, channels, image_size)
+        elif cfg is None:
+            cfg = UNetConfig(image_size=image_size, channels=channels,
+                             **{k: v for k, v in vars(args).items() if k in MODEL_FIELDS and k != "image_size"})
     except (OSError, RuntimeError, ValueError) as e:
         raise SystemExit(f"train.py: {e}")
     if world > 1 and master:
@@ -273,11 +280,11 @@ def main(argv=None):
         if master:
             print(f"RESUMED {ckpt_path} at step {step} (of --max-steps {args.max_steps})", flush=True)
     else:
-        if init:   # DDPM's weights; SMD's g_xi and f_phi keep their fresh init (f_phi's last layer is 0)
-            model.load_state_dict(init[0].state_dict(), strict=False)
-            ema.load_state_dict(init[0].state_dict(), strict=False)
+        if init_model:   # DDPM's weights; SMD's g_xi and f_phi keep their fresh init (f_phi's last layer is 0)
+            model.load_state_dict(init_model.state_dict(), strict=False)
+            ema.load_state_dict(init_model.state_dict(), strict=False)
             if master:
-                print(f"initialised from {init[2]}", flush=True)
+                print(f"initialised from {init_desc}", flush=True)
         torch.manual_seed(args.seed + rank)   # per-rank noise, t and dropout
     params, ema_params = list(model.parameters()), list(ema.parameters())
     net = torch.compile(model) if compile_ else model
