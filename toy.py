@@ -183,25 +183,26 @@ def train(model, diffusion, args, objective):
 
 
 def build_models(args):
-    """{name: (objective, make_model, diffusion)} for the objectives asked for. Parameters are
-    matched: vanilla's width is raised to SMD's parameter count, a mixture's width to vanilla's."""
+    """{name: (objective, make_model, diffusion)} for vanilla and the objectives asked for. With
+    --match-params (the default) every model's width is raised to the parameter count of the
+    largest one at --width (so SMD, the largest in the paper's runs, keeps --width)."""
     eps, v = smd.Diffusion(args.T), smd.Diffusion(args.T, objective="v")   # mixtures read their x0_hat_k via v
-    new_smd = lambda w: Denoiser(w, args.depth, args.latent_dim, args.T, mix_hidden=args.mix_hidden)
-    has_smd = any(o in ("jensen", "iwae") for o in args.smd_objective)
-    vw = matched_width(n_params(new_smd(args.width)), lambda w: Denoiser(w, args.depth, 0, args.T)) \
-        if args.match_params and has_smd else args.width
-    out = {"vanilla": ("jensen", lambda: Denoiser(vw, args.depth, 0, args.T), eps)}
+    makers = {"vanilla": ("jensen", lambda w: Denoiser(w, args.depth, 0, args.T), eps)}
     for o in args.smd_objective:
         if o in ("jensen", "iwae"):
-            out[f"SMD-{o}"] = (o, lambda: new_smd(args.width), eps)
+            makers[f"SMD-{o}"] = (o, lambda w: Denoiser(w, args.depth, args.latent_dim, args.T,
+                                                        mix_hidden=args.mix_hidden), eps)
         elif o in ("mixture", "mixture-var"):
-            new_mix = lambda w, lv=o == "mixture-var": Denoiser(w, args.depth, 0, args.T, components=args.components,
-                                                                 learned_var=lv)
-            mw = matched_width(n_params(out["vanilla"][1]()), new_mix) if args.match_params else args.width
-            out[f"mixture K={args.components}" + (", learned var" if o == "mixture-var" else "")] = \
-                (o, lambda mw=mw, new_mix=new_mix: new_mix(mw), v)
+            makers[f"mixture K={args.components}" + (", learned var" if o == "mixture-var" else "")] = \
+                (o, lambda w, lv=o == "mixture-var": Denoiser(w, args.depth, 0, args.T, components=args.components,
+                                                              learned_var=lv), v)
         else:
             raise SystemExit(f"toy.py: unknown objective {o!r}: use jensen, iwae, mixture or mixture-var")
+    target = max(n_params(make(args.width)) for _, make, _ in makers.values())
+    out = {}
+    for name, (o, make, diffusion) in makers.items():
+        w = matched_width(target, make) if args.match_params else args.width
+        out[name] = (o, lambda make=make, w=w: make(w), diffusion)
     return out
 
 
@@ -237,8 +238,8 @@ def run(args, seed):
                [(k, m, d, torch.float32) for k, (m, d) in models.items()]
     with torch.no_grad():
         for name, model, diffusion, dtype in samplers:
-            # eta=0 and mixtures (trained with beta_tilde, or their own variances): the first var only
-            for var in args.var[:1] if name.endswith("eta=0") or name.startswith("mixture") else args.var:
+            # eta=0: the first var only; mixtures: beta_tilde, as trained (or their own variances)
+            for var in ["small"] if name.startswith("mixture") else args.var[:1] if name.endswith("eta=0") else args.var:
                 for s in steps_list:
                     t0 = time.time()     # Diffusion.sample clamps to [-1, 1]; the data lie in |x| < 0.9
                     x = diffusion.sample(model, (args.n, 2), steps=s, var=var, generator=gen(s), dtype=dtype)
@@ -326,7 +327,7 @@ def main():
     p.add_argument("--latent-dim", type=int, default=4)
     p.add_argument("--mix-hidden", type=int, default=32)
     p.add_argument("--no-match-params", dest="match_params", action="store_false",
-                   help="by default the vanilla width is raised to SMD's parameter count")
+                   help="by default every model's width is raised to the largest model's parameter count")
     p.add_argument("--iters", type=int, default=4000)
     p.add_argument("--batch", type=int, default=512, help="rows per step (iwae: batch/K examples x K etas)")
     p.add_argument("--lr", type=float, default=2e-3)
