@@ -285,15 +285,15 @@ class Diffusion(nn.Module):
         x0_k = self.x0_from(out.double(), x_t[:, None].double(), _bcast(abar, out))
         d = (x0_k - x0[:, None].double()).flatten(2)                         # (B, K, D)
         xi = torch.randn(B, 1, d.shape[2], device=x0.device, dtype=d.dtype)
+        dd, dxi = d.pow(2).sum(2), (d * xi).sum(2)                           # |d_k|^2 and d_k.xi, (B, K)
         c0, beta, bt, s2 = (a.view(B, 1) for a in (c0, beta, bt, s2))
         log_pi = F.log_softmax(logits.double(), 1)
-        cross = ((d - d.mean(1, keepdim=True)) * xi).sum(2)
-        nll = -torch.logsumexp(log_pi - (c0**2 * d.pow(2).sum(2) - 2 * c0 * bt.sqrt() * cross) / (2 * s2), 1)
-        if v is not None:                                                    # the variances' own term
+        cross = dxi - dxi.mean(1, keepdim=True)                              # (d_k - mean_k d).xi
+        nll = -torch.logsumexp(log_pi - (c0**2 * dd - 2 * c0 * bt.sqrt() * cross) / (2 * s2), 1)
+        if v is not None:    # the variances' own term: |x_{t-1} - mu_k|^2 with d held fixed
             log_s2 = torch.lerp(s2.log(), beta.log(), torch.sigmoid(v.double()))
-            r = bt.sqrt()[..., None] * xi - c0[..., None] * d.detach()       # x_{t-1} - mu_k
-            nll = nll - torch.logsumexp(log_pi.detach() - r.pow(2).sum(2) / (2 * log_s2.exp())
-                                        - 0.5 * d.shape[2] * log_s2, 1)
+            r2 = bt * xi.pow(2).sum(2) - 2 * c0 * bt.sqrt() * dxi.detach() + c0**2 * dd.detach()
+            nll = nll - torch.logsumexp(log_pi.detach() - r2 / (2 * log_s2.exp()) - 0.5 * d.shape[2] * log_s2, 1)
         return nll.mean().float() / d.shape[2]
 
     def pick_component(self, output, x, u, abar, abar_prev, abar_clip):
