@@ -1,7 +1,7 @@
 """
 smd.py -- the diffusion process and Soft Mixture Denoising (Li et al., ICLR 2024).
 
-Everything that is math lives here:
+The paper's math lives here (the categorical mixture that goes beyond it, in mixture.py):
   Diffusion    the forward process q (Eq. 1), the training loss (Algorithm 1) and the
                sampler (Algorithm 2), with respacing to few steps and DDIM.
   SoftMixture  the latent sampler g_xi(eta, x_t, t) -> z_t and the hypernetwork
@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import mixture
 
 # -----------------------------------------------------------------------------
 # noise schedules (float64 numpy; the chain is defined by alphas_cumprod)
@@ -72,7 +74,7 @@ def _latent_dim(model):
 
 
 def _components(model):
-    """K for a categorical-mixture model (see Diffusion.mixture_loss), else 0."""
+    """K for a categorical-mixture model (see mixture.py), else 0."""
     return getattr(_unwrap(model), "components", 0) or 0
 
 
@@ -142,9 +144,9 @@ class Diffusion(nn.Module):
         batch, the dimensions and `eta_samples` draws of eta per example (Sec. 5.4).
         Lines 6-7 (z_t = g_xi(eta, x_t, t); theta_hat = theta u f_phi(z_t, t)) run inside
         model.forward; line 9's update is the caller's optimizer step. A categorical-mixture
-        model (K components) is trained by mixture_loss instead."""
+        model (K components) is trained by mixture.loss instead."""
         if _components(model):
-            return self.mixture_loss(model, x0)
+            return mixture.loss(self, model, x0)
         B = x0.shape[0]
         t = torch.randint(0, self.T, (B,), device=x0.device)   # line 3: t ~ U{1..T}
         eps = torch.randn_like(x0)                             # line 3: eps ~ N(0, I)
@@ -205,8 +207,8 @@ class Diffusion(nn.Module):
             if K:                                                         # beyond the paper: k ~ pi(x_t)
                 if K > 1:
                     torch.rand(u.shape, generator=generator, out=u)
-                x0, sigma_k = self.pick_component(model(x, tt.fill_(t)), x, u, abar, abar_prev,
-                                                  coefs[i - 1][1] if last else abar)
+                abar_clip = coefs[i - 1][1] if last else abar
+                x0, sigma_k = mixture.pick_component(self, model(x, tt.fill_(t)), x, u, abar, abar_prev, abar_clip)
                 eps_hat = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
             else:
                 eps_hat = self.eps_from(model(x, tt.fill_(t), eta).to(x.dtype), x, abar)   # lines 5-6 in model
@@ -248,70 +250,6 @@ class Diffusion(nn.Module):
             eps_hat = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
         sigma = ddim_eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
         return math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps_hat, sigma
-
-    # -- beyond the paper: a categorical mixture -------------------------------------
-    # p(x_{t-1} | x_t) = sum_k pi_k(x_t) N(mu_k, sigma_k^2 I), mu_k the posterior mean of
-    # q(x_{t-1} | x_t, x_0 = x0_hat_k). The model returns (out_k (B, K, ...), logits (B, K),
-    # v (B, K) or None): K outputs read as x0_hat_k through `objective`, the logits of pi, and,
-    # if learned, per-component variances log sigma_k^2 = f log beta + (1 - f) log beta_tilde,
-    # f = sigmoid(v) (as improved DDPM, with beta_tilde clipped at t = 0 to its t = 1 value).
-
-    def posterior_terms(self, t):
-        """Per-example float64 (abar, c0, beta, beta_tilde, beta_tilde clipped at t = 0) for
-        q(x_{t-1} | x_t, x_0) = N(c0 x_0 + ct x_t, beta_tilde I)."""
-        abar, beta = self.alphas_cumprod[t], self.betas[t]
-        abar_prev = abar / (1 - beta)
-        bt = beta * (1 - abar_prev) / (1 - abar)
-        bt1 = self.betas[1] * (1 - self.alphas_cumprod[0]) / (1 - self.alphas_cumprod[1])
-        return abar, abar_prev.sqrt() * beta / (1 - abar), beta, bt, torch.where(t == 0, bt1, bt)
-
-    def mixture_loss(self, model, x0):
-        """-log p(x_{t-1} | x_t) per dimension, exactly (logsumexp over the K components: no
-        Jensen, no sampled latent), for x_{t-1} ~ q(x_{t-1} | x_t, x_0) and t ~ U{1..T}: the
-        variational bound in nats, constants dropped. With d_k = x0_hat_k - x_0,
-        x_{t-1} - mu_k = sqrt(bt) xi - c0 d_k and sigma_t^2 = beta_tilde_t (clipped at t = 0),
-          log N_k = -(c0^2 |d_k|^2 - 2 c0 sqrt(bt) (d_k - mean_k d).xi) / (2 sigma_t^2) + const,
-        where subtracting mean_k d (the same for every k, and zero-mean since xi is independent
-        of x_t) removes noise without bias. K = 1 is then Eq. (14) with Gamma_t, DDPM's
-        L_{t-1} = Gamma_t |eps - eps_hat|^2. Learned variances add their own term: the full
-        mixture log-density with the means and weights held fixed (stop-gradient, as improved
-        DDPM's L_hybrid), so that a wide variance cannot stand in for a wrong mean."""
-        B = x0.shape[0]
-        t = torch.randint(0, self.T, (B,), device=x0.device)
-        eps = torch.randn_like(x0)
-        x_t = self.q_sample(x0, t, eps)
-        out, logits, v = model(x_t, t)
-        abar, c0, beta, bt, s2 = self.posterior_terms(t)
-        x0_k = self.x0_from(out.double(), x_t[:, None].double(), _bcast(abar, out))
-        d = (x0_k - x0[:, None].double()).flatten(2)                         # (B, K, D)
-        xi = torch.randn(B, 1, d.shape[2], device=x0.device, dtype=d.dtype)
-        dd, dxi = d.pow(2).sum(2), (d * xi).sum(2)                           # |d_k|^2 and d_k.xi, (B, K)
-        c0, beta, bt, s2 = (a.view(B, 1) for a in (c0, beta, bt, s2))
-        log_pi = F.log_softmax(logits.double(), 1)
-        cross = dxi - dxi.mean(1, keepdim=True)                              # (d_k - mean_k d).xi
-        nll = -torch.logsumexp(log_pi - (c0**2 * dd - 2 * c0 * bt.sqrt() * cross) / (2 * s2), 1)
-        if v is not None:    # the variances' own term: |x_{t-1} - mu_k|^2 with d held fixed
-            log_s2 = torch.lerp(s2.log(), beta.log(), torch.sigmoid(v.double()))
-            r2 = bt * xi.pow(2).sum(2) - 2 * c0 * bt.sqrt() * dxi.detach() + c0**2 * dd.detach()
-            nll = nll - torch.logsumexp(log_pi.detach() - r2 / (2 * log_s2.exp()) - 0.5 * d.shape[2] * log_s2, 1)
-        return nll.mean().float() / d.shape[2]
-
-    def pick_component(self, output, x, u, abar, abar_prev, abar_clip):
-        """One sampling step's (x0_hat_k, sigma) for k ~ pi(x_t), drawn by inverse CDF from the
-        uniforms u (B, 1). sigma is None for fixed variances, else per-example (B, 1, ...) from
-        the respaced step's beta and beta_tilde (clipped at the last step: abar_clip is abar of
-        the step before it)."""
-        out, logits, v = output
-        k = (logits.float().softmax(1).cumsum(1) < u).sum(1).clamp(max=out.shape[1] - 1)
-        rows = torch.arange(len(k), device=k.device)
-        x0 = self.x0_from(out[rows, k].to(x.dtype), x, abar)
-        if v is None:
-            return x0, None
-        beta = 1 - abar / abar_prev
-        bt = beta * (1 - abar_prev) / (1 - abar) if abar_prev < 1 else \
-            (1 - abar_clip / abar) * (1 - abar) / (1 - abar_clip)
-        log_s2 = math.log(bt) + torch.sigmoid(v[rows, k].to(x.dtype)) * (math.log(beta) - math.log(bt))
-        return x0, _bcast((0.5 * log_s2).exp(), x)
 
 
 # -----------------------------------------------------------------------------

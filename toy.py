@@ -74,7 +74,7 @@ class Denoiser(nn.Module):
     out = W silu(norm(h)). With latent_dim > 0 the blocks' (scale, shift) = f_phi(g_xi(eta, h_0, t), t)
     (Eq. 11, Alg. 1 lines 6-7) from smd.SoftMixture; with eta = None the model is vanilla. With
     components = K > 0 (beyond the paper) it returns K outputs, K mixture logits and, if
-    learned_var, K variance interpolations, from the same last features (smd.Diffusion.mixture_loss)."""
+    learned_var, K variance interpolations, from the same last features (mixture.py)."""
 
     def __init__(self, width=128, depth=3, latent_dim=0, T=1000, temb_dim=64, mix_hidden=64, n_freq=6,
                  components=0, learned_var=False):
@@ -171,7 +171,7 @@ def train(model, diffusion, args, objective):
         if objective == "iwae":
             loss = iwae_loss(model, diffusion, x0[:max(1, args.batch // args.K)], args.K)   # same rows per step
         else:   # Algorithm 1 (vanilla: eta is None; SMD: one eta per example, the paper's Jensen bound),
-            loss = diffusion.loss(model, x0)   # or a mixture's exact likelihood (Diffusion.mixture_loss)
+            loss = diffusion.loss(model, x0)   # or a mixture's exact likelihood (mixture.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -38,7 +38,7 @@ class UNetConfig:
     dropout: float = 0.1
     smd: bool = False            # Soft Mixture Denoising: g_xi and f_phi (smd.SoftMixture)
     latent_dim: int = 64         # SMD: dimension of eta and z_t
-    components: int = 0          # K > 0: a categorical mixture of K Gaussians (smd.Diffusion.mixture_loss)
+    components: int = 0          # K > 0: a categorical mixture of K Gaussians (mixture.py)
     learned_var: bool = False    # mixture: a learned variance per component
     norm_eps: float = 1e-6       # GroupNorm epsilon, DDPM's (TF's); checkpoints before it had 1e-5
     tf_downsample: bool = True   # pad right/bottom before the stride-2 conv, as TF's 'SAME' in DDPM;

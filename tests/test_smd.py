@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
+import mixture
 import smd
 
 # DDPM's schedule, written out here independently of smd.py
@@ -335,7 +336,7 @@ def test_mixture_of_one_is_ddpm():
     torch.manual_seed(5)                                  # the same t and eps
     t = torch.randint(0, d.T, (64,))
     eps = torch.randn_like(x0)
-    abar, c0, beta, bt, s2 = d.posterior_terms(t)
+    abar, c0, beta, bt, s2 = mixture.posterior_terms(d, t)
     gamma = c0**2 * (1 - abar) / abar / (2 * s2)          # Gamma_t = c^2 / (2 sigma_t^2), c in eps units
     ref = (gamma[:, None] * (oracle(d.q_sample(x0, t, eps), t) - eps) ** 2).mean()
     assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
@@ -348,7 +349,7 @@ def test_mixture_of_one_is_ddpm():
 
 def mixture_nll(d, x0, t, eps, xi, out, logits, log_s2):
     """-log sum_k pi_k N(x_{t-1}; mu_k, s_k^2 I) per dimension for x_{t-1} = mu_tilde + sqrt(bt) xi,
-    written from DDPM's posterior formulas without mixture_loss's algebra (log 2 pi dropped)."""
+    written from DDPM's posterior formulas without mixture.loss's algebra (log 2 pi dropped)."""
     abar, betas = d.alphas_cumprod[t], d.betas[t]
     ap = abar / (1 - betas)
     c0, ct, bt = ap.sqrt() * betas / (1 - abar), (1 - betas).sqrt() * (1 - ap) / (1 - abar), betas * (1 - ap) / (1 - abar)
@@ -370,15 +371,15 @@ def test_mixture_loss_against_brute_force():
     x0 = torch.randn(1, D, dtype=torch.float64).clamp(-1, 1).expand(B, D).contiguous()
     t = torch.randint(0, d.T, (B,))
     eps, xi = torch.randn_like(x0), torch.randn_like(x0)
-    abar, c0, beta, bt, s2 = d.posterior_terms(t)
+    abar, c0, beta, bt, s2 = mixture.posterior_terms(d, t)
     outs, lg = out.expand(B, K, D), logits.expand(B, K)
     fixed = mixture_nll(d, x0, t, eps, xi, outs, lg, s2.log()[:, None].expand(B, K))
-    fixed = fixed - (bt / (2 * s2) + 0.5 * s2.log())          # the constants mixture_loss drops
+    fixed = fixed - (bt / (2 * s2) + 0.5 * s2.log())          # the constants mixture.loss drops
     learned = mixture_nll(d, x0, t, eps, xi, outs, lg, torch.lerp(s2.log()[:, None], beta.log()[:, None], v.sigmoid()))
     torch.manual_seed(1)
-    ours_fixed = d.mixture_loss(Mixture(out, logits), x0).item()
+    ours_fixed = mixture.loss(d, Mixture(out, logits), x0).item()
     torch.manual_seed(1)
-    ours_learned = d.mixture_loss(Mixture(out, logits, v), x0).item()
+    ours_learned = mixture.loss(d, Mixture(out, logits, v), x0).item()
     assert ours_fixed == pytest.approx(fixed.mean().item(), rel=0.01)
     assert ours_learned == pytest.approx((fixed + learned).mean().item(), rel=0.01)
 
@@ -386,7 +387,7 @@ def test_mixture_loss_against_brute_force():
     for var in (None, v):                                     # same draws: means and logits get the same gradient
         o, lgt = out.clone().requires_grad_(), logits.clone().requires_grad_()
         torch.manual_seed(3)
-        d.mixture_loss(Mixture(o, lgt, var), x0[:512]).backward()
+        mixture.loss(d, Mixture(o, lgt, var), x0[:512]).backward()
         grads.append((o.grad, lgt.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-12)
