@@ -6,12 +6,15 @@ On a Gaussian mixture everything is known in closed form: the density q(x_t), th
 Gaussian denoiser eps* = E[eps | x_t] (what a perfectly trained vanilla DDPM computes, the
 bottleneck of Theorem 3.1) and the true posterior q(x_{t-1} | x_t), again a Gaussian mixture
 (Proposition 3.1, Eq. 29), which sampled step by step is what Theorem 4.1 says SMD can reach.
-We train a vanilla and an SMD MLP denoiser (Algorithm 1 of smd.py), sample them (Algorithm
-2) at several step counts, and score all four against the true mixture.
+We train a vanilla and an SMD MLP denoiser (Algorithm 1 of smd.py; or, beyond the paper, a
+categorical mixture of mixture.py), sample them (Algorithm 2) at several step counts, and
+score them and both references against the true mixture.
 
     python toy.py                          # T=1000, respaced to 1000/100/20/10/5 steps (~7 min, 1 core)
     python toy.py --smd-objective iwae     # beyond the paper: the importance-weighted bound
     python toy.py --T 10 --steps 10,5 --smd-objective jensen,iwae   # train a 10-step chain directly
+    python toy.py --T 5 --steps 5 --smd-objective mixture-var --width 160 --batch 1024 --iters 20000
+                                           # beyond the paper: K=49 mixture (mixture.py), ~12 min, 1 core
     python toy.py --seeds 3 --json out.json --png out.png
 """
 

@@ -55,15 +55,16 @@ def tiny_config(**kw):
 
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory):
-    """{'ddpm': path, 'smd': path} to checkpoints of tiny models trained 3 steps on fake CIFAR-10
-    by `python train.py`."""
+    """{'ddpm': path, 'smd': path, 'mixture': path} to checkpoints of tiny models trained 3 steps on
+    fake CIFAR-10 by `python train.py` (the mixture: K = 3 with learned variances on a 10-step chain)."""
     root = tmp_path_factory.mktemp("ckpts")
     write_cifar10(root / "data")
     paths = {}
-    for kind in ("ddpm", "smd"):
+    flags = {"ddpm": [], "smd": ["--smd"], "mixture": ["--mixture", "3", "--learned-var", "--T", "10"]}
+    for kind, extra in flags.items():
         out = root / kind
         cmd = [sys.executable, "train.py", "--dataset", "cifar10", "--data-dir", str(root / "data"),
-               "--out-dir", str(out), "--max-steps", "3", "--device", "cpu", *TINY, *(["--smd"] if kind == "smd" else [])]
+               "--out-dir", str(out), "--max-steps", "3", "--device", "cpu", *TINY, *extra]
         p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         paths[kind] = str(out / "ckpt.pt")

@@ -52,6 +52,19 @@ def test_shapes(image_size, channels):
     assert m(x, torch.tensor([0, 999])).shape == x.shape
 
 
+def test_mixture_heads():
+    """--mixture K: K predictions from the last conv, K logits (and K variance mixes) from the pooled
+    bottleneck; pi starts uniform and the K predictions start different from each other."""
+    m = tiny(components=4, learned_var=True)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0, 500])
+    out, logits, v = m(x, t)
+    assert out.shape == (2, 4, 3, 32, 32) and logits.shape == v.shape == (2, 4)
+    assert torch.equal(logits, torch.zeros(2, 4)) and (out[:, 0] - out[:, 1]).abs().mean() > 1e-3
+    assert tiny(components=4)(x, t)[2] is None
+    with pytest.raises(ValueError, match="smd"):
+        UNetConfig(smd=True, components=4)
+
+
 def test_bad_input_and_config_raise():
     with pytest.raises(ValueError, match="this UNet takes"):
         tiny()(torch.randn(1, 3, 28, 28), torch.tensor([0]))
