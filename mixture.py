@@ -15,6 +15,13 @@ log sigma_k^2 = f log beta + (1 - f) log beta_tilde, f = sigmoid(v) (as improved
 beta_tilde clipped at t = 0 to its t = 1 value). smd.Diffusion.loss and .sample call the two
 functions below for such a model; unet.py (--mixture K) and toy.py use them.
 
+Mixtures trained by likelihood fall into k-means' local optimum: at a large step the
+responsibilities are one-hot, a component that starts far from every mode never gets a gradient
+(dead), and its modes go to a neighbour that settles on their average (a blend). `temperature`
+anneals the responsibilities instead (deterministic annealing, Ueda & Nakano 1998): training
+starts with the energies divided by tau0 >> 1, every component feels every example, and the
+components split apart as tau falls to 1, where the loss is the exact likelihood again.
+
     python toy.py --T 5 --steps 5 --smd-objective mixture-var
 """
 
@@ -39,7 +46,12 @@ def posterior_terms(diffusion, t):
     return abar, abar_prev.sqrt() * beta / (1 - abar), beta, bt, torch.where(t == 0, bt1, bt)
 
 
-def loss(diffusion, model, x0):
+def temperature(step, total, tau0, frac=0.5):
+    """tau at a training step: tau0 -> 1 geometrically over the first `frac` of training, then 1."""
+    return tau0 ** max(0.0, 1 - step / (frac * total)) if tau0 > 1 else 1.0
+
+
+def loss(diffusion, model, x0, tau=1.0):
     """-log p(x_{t-1} | x_t) per dimension, exactly (logsumexp over the K components: no
     Jensen, no sampled latent), for x_{t-1} ~ q(x_{t-1} | x_t, x_0) and t ~ U{1..T}: the
     variational bound in nats, constants dropped. With d_k = x0_hat_k - x_0,
@@ -49,7 +61,8 @@ def loss(diffusion, model, x0):
     of x_t) removes noise without bias. K = 1 is then Eq. (14) with Gamma_t, DDPM's
     L_{t-1} = Gamma_t |eps - eps_hat|^2. Learned variances add their own term: the full
     mixture log-density with the means and weights held fixed (stop-gradient, as improved
-    DDPM's L_hybrid), so that a wide variance cannot stand in for a wrong mean."""
+    DDPM's L_hybrid), so that a wide variance cannot stand in for a wrong mean. With tau > 1
+    the first term is -tau logsumexp(log N_k' / tau) (see `temperature`); tau = 1 is exact."""
     B = x0.shape[0]
     t = torch.randint(0, diffusion.T, (B,), device=x0.device)
     eps = torch.randn_like(x0)
@@ -63,7 +76,7 @@ def loss(diffusion, model, x0):
     c0, beta, bt, s2 = (a.view(B, 1) for a in (c0, beta, bt, s2))
     log_pi = F.log_softmax(logits.double(), 1)
     cross = dxi - dxi.mean(1, keepdim=True)                              # (d_k - mean_k d).xi
-    nll = -torch.logsumexp(log_pi - (c0**2 * dd - 2 * c0 * bt.sqrt() * cross) / (2 * s2), 1)
+    nll = -tau * torch.logsumexp((log_pi - (c0**2 * dd - 2 * c0 * bt.sqrt() * cross) / (2 * s2)) / tau, 1)
     if v is not None:    # the variances' own term: |x_{t-1} - mu_k|^2 with d held fixed
         log_s2 = torch.lerp(s2.log(), beta.log(), torch.sigmoid(v.double()))
         r2 = bt * xi.pow(2).sum(2) - 2 * c0 * bt.sqrt() * dxi.detach() + c0**2 * dd.detach()

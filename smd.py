@@ -139,14 +139,14 @@ class Diffusion(nn.Module):
 
     # -- Algorithm 1 ----------------------------------------------------------------
 
-    def loss(self, model, x0, eta_samples=1):
+    def loss(self, model, x0, eta_samples=1, tau=1.0):
         """One Monte Carlo estimate of Eq. (14) with Gamma_t dropped, averaged over the
         batch, the dimensions and `eta_samples` draws of eta per example (Sec. 5.4).
         Lines 6-7 (z_t = g_xi(eta, x_t, t); theta_hat = theta u f_phi(z_t, t)) run inside
         model.forward; line 9's update is the caller's optimizer step. A categorical-mixture
-        model (K components) is trained by mixture.loss instead."""
+        model (K components) is trained by mixture.loss instead (tau: its temperature)."""
         if _components(model):
-            return mixture.loss(self, model, x0)
+            return mixture.loss(self, model, x0, tau)
         B = x0.shape[0]
         t = torch.randint(0, self.T, (B,), device=x0.device)   # line 3: t ~ U{1..T}
         eps = torch.randn_like(x0)                             # line 3: eps ~ N(0, I)
@@ -262,11 +262,11 @@ def make_optimizer(model, lr, device, weight_decay=0.0):
                              fused=torch.device(device).type == "cuda")
 
 
-def train_step(net, diffusion, optimizer, x0, eta_samples=1, grad_clip=1.0, amp=False):
+def train_step(net, diffusion, optimizer, x0, eta_samples=1, grad_clip=1.0, amp=False, tau=1.0):
     """One update on a batch: Alg. 1's loss, backward, grad-norm clip, AdamW step. Returns the
     loss as a device tensor: nothing here waits for the GPU."""
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=amp):
-        loss = diffusion.loss(net, x0, eta_samples)
+        loss = diffusion.loss(net, x0, eta_samples, tau)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:

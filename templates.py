@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import gmm
+import mixture
 import smd
 from unet import UNet, UNetConfig, n_params
 
@@ -111,13 +112,14 @@ def model_specs(args):
 def train(model, diffusion, args, seed):
     """Algorithm 1 (smd.train_step: grad clip 1, AdamW) with a linear warm-up and cosine decay;
     the batches come from their own generator, the same for every model. Returns the mean loss
-    of the last 10% of steps."""
+    of the last 10% of steps. A mixture's responsibilities are annealed (mixture.temperature)."""
     opt = smd.make_optimizer(model, args.lr, "cpu")
     batches, losses, warm = torch.Generator().manual_seed(seed), [], max(1, args.iters // 20)
     for it in range(args.iters):
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / args.iters))
-        losses.append(smd.train_step(model, diffusion, opt, images(DATA.sample(args.batch, batches))).item())
+        tau = mixture.temperature(it, args.iters, args.anneal) if model.components else 1.0
+        losses.append(smd.train_step(model, diffusion, opt, images(DATA.sample(args.batch, batches)), tau=tau).item())
     return float(np.mean(losses[-max(1, args.iters // 10):]))
 
 
@@ -243,6 +245,8 @@ def main():
     p.add_argument("--iters", type=int, default=1200)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--anneal", type=float, default=1e6,
+                   help="mixture: responsibilities' temperature from this to 1 over the first half (1: off)")
     p.add_argument("--objective", default="eps", help="vanilla and SMD: eps (the paper) or v (the mixture's)")
     p.add_argument("--var", default="small", help="sigma^2 of vanilla and SMD: small (beta~) or large (beta)")
     p.add_argument("--n", type=int, default=2000, help="samples per cell")

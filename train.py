@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import mixture
 import smd
 from checkpoint import (MODEL_FIELDS, build_diffusion, cuda_defaults, fmt_time, load_pretrained, model_config,
                         read_checkpoint, save_checkpoint)
@@ -62,6 +63,9 @@ def get_parser():
     p.add_argument("--mixture", dest="components", type=int, default=UNetConfig.components, metavar="K",
                    help="beyond the paper: a mixture of K Gaussians per step, trained by its exact likelihood")
     p.add_argument("--learned-var", action="store_true", help="mixture: learn each component's variance")
+    p.add_argument("--anneal", type=float, default=1.0, metavar="TAU0",
+                   help="mixture: anneal the responsibilities' temperature from TAU0 to 1 over the first half of "
+                        "--max-steps (against dead components; 1: off)")
     p.add_argument("--init", default=None, help="start from published DDPM weights (diffusers' format): "
                    "google/ddpm-cifar10-32, a folder or a .bin/.safetensors file; they fix the network's shape")
     # the chain and the optimisation
@@ -265,6 +269,8 @@ def main(argv=None):
         raise SystemExit(f"train.py: {e}")
     if world > 1 and master:
         dist.barrier()
+    if args.anneal != 1.0 and not cfg.components:
+        raise SystemExit(f"train.py: --anneal {args.anneal} anneals a mixture's responsibilities: add --mixture K")
 
     # -- model, EMA, optimiser ---------------------------------------------------------
     torch.manual_seed(args.seed)   # the same initial weights on every rank
@@ -309,7 +315,8 @@ def main(argv=None):
             x0 = next(data)
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
-            loss = smd.train_step(net, diffusion, optimizer, x0, args.eta_samples, args.grad_clip, amp)
+            tau = mixture.temperature(step, args.max_steps, args.anneal)
+            loss = smd.train_step(net, diffusion, optimizer, x0, args.eta_samples, args.grad_clip, amp, tau)
             smd.ema_update(ema_params, params, smd.ema_decay(step, args.ema_decay))
             step += 1
             n_window += 1

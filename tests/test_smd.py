@@ -347,7 +347,7 @@ def test_mixture_of_one_is_ddpm():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
-def mixture_nll(d, x0, t, eps, xi, out, logits, log_s2):
+def mixture_nll(d, x0, t, eps, xi, out, logits, log_s2, tau=1.0):
     """-log sum_k pi_k N(x_{t-1}; mu_k, s_k^2 I) per dimension for x_{t-1} = mu_tilde + sqrt(bt) xi,
     written from DDPM's posterior formulas without mixture.loss's algebra (log 2 pi dropped)."""
     abar, betas = d.alphas_cumprod[t], d.betas[t]
@@ -357,7 +357,7 @@ def mixture_nll(d, x0, t, eps, xi, out, logits, log_s2):
     x_prev = c0[:, None] * x0 + ct[:, None] * x_t + bt.sqrt()[:, None] * xi
     mu = c0[:, None, None] * d.x0_from(out, x_t[:, None], abar.view(-1, 1, 1)) + ct[:, None, None] * x_t[:, None]
     logn = -((x_prev[:, None] - mu) ** 2).sum(2) / (2 * log_s2.exp()) - 0.5 * x0.shape[1] * log_s2
-    return -torch.logsumexp(torch.log_softmax(logits, 1) + logn, 1) / x0.shape[1]
+    return -tau * torch.logsumexp((torch.log_softmax(logits, 1) + logn) / tau, 1) / x0.shape[1]
 
 
 def test_mixture_loss_against_brute_force():
@@ -391,6 +391,27 @@ def test_mixture_loss_against_brute_force():
         grads.append((o.grad, lgt.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-12)
+
+
+def test_annealed_mixture_loss_against_brute_force():
+    """At temperature tau the loss is -tau logsumexp((log pi_k + log N_k) / tau) (brute force, fixed
+    variances, 100k draws), which tau = 1 leaves exact; the schedule runs tau0 -> 1 geometrically
+    over the first half of training."""
+    torch.manual_seed(0)
+    d, K, D, B = smd.Diffusion(T=5, objective="v"), 3, 4, 100_000
+    out, logits = torch.randn(K, D, dtype=torch.float64), torch.randn(K, dtype=torch.float64)
+    x0 = torch.randn(1, D, dtype=torch.float64).clamp(-1, 1).expand(B, D).contiguous()
+    t = torch.randint(0, d.T, (B,))
+    eps, xi = torch.randn_like(x0), torch.randn_like(x0)
+    abar, c0, beta, bt, s2 = mixture.posterior_terms(d, t)
+    for tau in (1.0, 30.0, 1e4):
+        ref = mixture_nll(d, x0, t, eps, xi, out.expand(B, K, D), logits.expand(B, K), s2.log()[:, None].expand(B, K), tau)
+        ref = ref - (bt / (2 * s2) + 0.5 * s2.log())          # the same dropped constants as at tau = 1
+        torch.manual_seed(1)
+        ours = mixture.loss(d, Mixture(out, logits), x0, tau).item()
+        assert ours == pytest.approx(ref.mean().item(), rel=0.01), tau
+    assert [mixture.temperature(s, 100, 1e6) for s in (0, 25, 50, 99)] == pytest.approx([1e6, 1e3, 1.0, 1.0])
+    assert mixture.temperature(10, 100, 1.0) == 1.0
 
 
 def test_mixture_sampler_picks_components_with_their_probabilities():

@@ -165,6 +165,8 @@ def test_resume_refuses_contradictions(tmp_path, cifar_dir):
         run(tmp_path / "out", *data, "--max-steps", "4")
     with pytest.raises(SystemExit, match="no checkpoint at"):
         run(tmp_path / "elsewhere", *data, "--resume")
+    with pytest.raises(SystemExit, match="anneals a mixture's responsibilities: add --mixture K"):
+        run(tmp_path / "vanilla", *data, "--max-steps", "1", "--anneal", "1e3")
     r = train.main(["--out-dir", str(tmp_path / "out"), "--resume", "--max-steps", "3"])   # the rest from ckpt
     assert r["step"] == 3 and r["model_config"].ch == 32 and r["config"]["data_dir"] == cifar_dir
 
