@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import gmm
+import mixture
 import smd
 
 # -----------------------------------------------------------------------------
@@ -174,7 +175,8 @@ def train(model, diffusion, args, objective):
         if objective == "iwae":
             loss = iwae_loss(model, diffusion, x0[:max(1, args.batch // args.K)], args.K)   # same rows per step
         else:   # Algorithm 1 (vanilla: eta is None; SMD: one eta per example, the paper's Jensen bound),
-            loss = diffusion.loss(model, x0)   # or a mixture's exact likelihood (mixture.loss)
+            tau = mixture.temperature(it, args.iters, args.anneal)   # 1 unless a mixture anneals
+            loss = diffusion.loss(model, x0, tau=tau)   # or a mixture's exact likelihood (mixture.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -334,6 +336,8 @@ def main():
     p.add_argument("--iters", type=int, default=4000)
     p.add_argument("--batch", type=int, default=512, help="rows per step (iwae: batch/K examples x K etas)")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--anneal", type=float, default=1.0, help="mixture: responsibilities' temperature from this "
+                   "to 1 over the first half of training (mixture.temperature; 1: off)")
     p.add_argument("--n", type=int, default=10000, help="samples per evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1)
@@ -343,11 +347,10 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    per_seed, infos = [], []
+    per_seed, infos, first = [], [], None
     for seed in range(args.seed, args.seed + args.seeds):
         rows, info = run(args, seed)
-        if args.png and not per_seed:
-            figure(rows, args.png)
+        first = first or rows
         per_seed.append([{k: v for k, v in r.items() if k != "_x"} for r in rows])
         infos.append(info)
     rows = aggregate(per_seed)
@@ -356,6 +359,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config=vars(args), models=infos, rows=rows, seconds=time.time() - t0), f, indent=1)
+    if args.png:   # last: a bad path costs no results
+        figure(first, args.png)
 
 
 if __name__ == "__main__":
