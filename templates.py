@@ -8,13 +8,14 @@ and the best Gaussian denoiser eps* = E[eps | x_t] (what a perfectly trained van
 computes) are known in closed form. On chains of T = 2, 5 and 10 steps, trained directly,
 we train three U-Nets from the same seed on the same batches -- vanilla (Algorithm 1), SMD as
 in the paper (Algorithm 1 with eta) and, beyond the paper, a categorical mixture of K
-Gaussians per reverse step trained by its exact likelihood -- and score their samples and
+Gaussians per reverse step trained by its exact likelihood, with its responsibilities annealed
+(mixture.temperature, --anneal) -- and score their samples and
 both references by the nearest template: distance (RMS per pixel over std; 1 for data),
 blended share (distance > 2 std: not any one template), template coverage and TV of the
 template histogram. `gap` is E|eps_mean - eps*|^2 / D on data: how far a model's mean
 prediction is from the best Gaussian denoiser (0 = a perfectly trained vanilla model).
 
-    python templates.py --json assets/templates_results.json --png assets/templates.png   # ~22 min, 1 core
+    python templates.py --json assets/templates_results.json --png assets/templates.png   # ~23 min, 1 core
     python templates.py --T 5 --components 4,16 --iters 500 --n 500 --png '' --json ''
 """
 

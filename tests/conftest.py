@@ -56,7 +56,8 @@ def tiny_config(**kw):
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory):
     """{'ddpm': path, 'smd': path, 'mixture': path} to checkpoints of tiny models trained 3 steps on
-    fake CIFAR-10 by `python train.py` (the mixture: K = 3 with learned variances and annealed responsibilities on a 10-step chain)."""
+    fake CIFAR-10 by `python train.py` (the mixture: K = 3, learned variances, annealed
+    responsibilities, on a 10-step chain)."""
     root = tmp_path_factory.mktemp("ckpts")
     write_cifar10(root / "data")
     paths = {}
