@@ -119,7 +119,7 @@ def train(model, diffusion, args, seed):
     for it in range(args.iters):
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / args.iters))
-        tau = mixture.temperature(it, args.iters, args.anneal) if model.components else 1.0
+        tau = mixture.temperature(it, args.iters, args.anneal)   # only a mixture's loss reads it
         losses.append(smd.train_step(model, diffusion, opt, images(DATA.sample(args.batch, batches)), tau=tau).item())
     return float(np.mean(losses[-max(1, args.iters // 10):]))
 
@@ -267,11 +267,11 @@ def main():
         run_T(T, args, specs, rows, info, samples)
     print(table(rows))
     print(f"total {time.time() - t0:.0f}s")
-    if args.png:
-        figure(rows, samples, args.png)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config=vars(args), models=info, rows=rows, seconds=time.time() - t0), f, indent=1)
+    if args.png:   # last: a bad path costs no results
+        figure(rows, samples, args.png)
 
 
 if __name__ == "__main__":
