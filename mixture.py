@@ -27,6 +27,7 @@ components split apart as tau falls to 1, where the loss is the exact likelihood
     python train.py --dataset cifar10 --mixture 10 --learned-var --anneal 1e6 --T 10
 """
 
+import argparse
 import math
 
 import torch
@@ -51,6 +52,14 @@ def posterior_terms(diffusion, t):
 def temperature(step, total, tau0, frac=0.5):
     """tau at a training step: tau0 -> 1 geometrically over the first `frac` of training, then 1."""
     return tau0 ** max(0.0, 1 - step / (frac * total)) if tau0 > 1 else 1.0
+
+
+def start_temperature(text):
+    """argparse type of --anneal: tau0 >= 1 (1: no annealing)."""
+    tau0 = float(text)
+    if not tau0 >= 1:
+        raise argparse.ArgumentTypeError(f"{text}: the starting temperature must be >= 1 (1: no annealing)")
+    return tau0
 
 
 def loss(diffusion, model, x0, tau=1.0):

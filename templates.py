@@ -246,7 +246,7 @@ def main():
     p.add_argument("--iters", type=int, default=1200)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=4e-3)
-    p.add_argument("--anneal", type=float, default=1e6,
+    p.add_argument("--anneal", type=mixture.start_temperature, default=1e6,
                    help="mixture: responsibilities' temperature from this to 1 over the first half (1: off)")
     p.add_argument("--objective", default="eps", help="vanilla and SMD: eps (the paper) or v (the mixture's)")
     p.add_argument("--var", default="small", help="sigma^2 of vanilla and SMD: small (beta~) or large (beta)")

@@ -336,7 +336,7 @@ def main():
     p.add_argument("--iters", type=int, default=4000)
     p.add_argument("--batch", type=int, default=512, help="rows per step (iwae: batch/K examples x K etas)")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--anneal", type=float, default=1.0, help="mixture: responsibilities' temperature from this "
+    p.add_argument("--anneal", type=mixture.start_temperature, default=1.0, help="mixture: responsibilities' temperature from this "
                    "to 1 over the first half of training (mixture.temperature; 1: off)")
     p.add_argument("--n", type=int, default=10000, help="samples per evaluation")
     p.add_argument("--seed", type=int, default=0)

@@ -63,7 +63,7 @@ def get_parser():
     p.add_argument("--mixture", dest="components", type=int, default=UNetConfig.components, metavar="K",
                    help="beyond the paper: a mixture of K Gaussians per step, trained by its exact likelihood")
     p.add_argument("--learned-var", action="store_true", help="mixture: learn each component's variance")
-    p.add_argument("--anneal", type=float, default=1.0, metavar="TAU0",
+    p.add_argument("--anneal", type=mixture.start_temperature, default=1.0, metavar="TAU0",
                    help="mixture: anneal the responsibilities' temperature from TAU0 to 1 over the first half of "
                         "--max-steps (against dead components; 1: off)")
     p.add_argument("--init", default=None, help="start from published DDPM weights (diffusers' format): "

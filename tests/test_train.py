@@ -154,7 +154,7 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
     assert [l for _, l in a["losses"][3:]] == [l for _, l in b["losses"]]
 
 
-def test_resume_refuses_contradictions(tmp_path, cifar_dir):
+def test_resume_refuses_contradictions(tmp_path, cifar_dir, capsys):
     data = ["--dataset", "cifar10", "--data-dir", cifar_dir]
     run(tmp_path / "out", *data, "--max-steps", "2")
     with pytest.raises(SystemExit, match=r"contradicts .*--smd True \(checkpoint: False\)"):
@@ -167,6 +167,9 @@ def test_resume_refuses_contradictions(tmp_path, cifar_dir):
         run(tmp_path / "elsewhere", *data, "--resume")
     with pytest.raises(SystemExit, match="anneals a mixture's responsibilities: add --mixture K"):
         run(tmp_path / "vanilla", *data, "--max-steps", "1", "--anneal", "1e3")
+    with pytest.raises(SystemExit):
+        run(tmp_path / "cold", *data, "--max-steps", "1", "--mixture", "2", "--anneal", "0.5")
+    assert "0.5: the starting temperature must be >= 1" in capsys.readouterr().err
     r = train.main(["--out-dir", str(tmp_path / "out"), "--resume", "--max-steps", "3"])   # the rest from ckpt
     assert r["step"] == 3 and r["model_config"].ch == 32 and r["config"]["data_dir"] == cifar_dir
 
