@@ -22,7 +22,7 @@ anneals the responsibilities instead (deterministic annealing, Ueda & Nakano 199
 starts with the energies divided by tau0 >> 1, every component feels every example, and the
 components split apart as tau falls to 1, where the loss is the exact likelihood again.
 
-    python toy.py --T 5 --steps 5 --smd-objective mixture-var --width 160 --batch 1024 --iters 20000
+    python toy.py --T 5 --steps 5 --smd-objective mixture-var --width 160 --batch 512 --iters 24000
     python templates.py --T 2                  # annealed (--anneal 1e6) against vanilla and SMD
     python train.py --dataset cifar10 --mixture 10 --learned-var --anneal 1e6 --T 10
 """

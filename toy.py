@@ -13,8 +13,8 @@ score them and both references against the true mixture.
     python toy.py                          # T=1000, respaced to 1000/100/20/10/5 steps (4-7 min, 1 core)
     python toy.py --smd-objective iwae     # beyond the paper: the importance-weighted bound
     python toy.py --T 10 --steps 10,5 --smd-objective jensen,iwae   # train a 10-step chain directly
-    python toy.py --T 5 --steps 5 --smd-objective mixture-var --width 160 --batch 1024 --iters 20000
-                                           # beyond the paper: K=49 mixture (mixture.py), ~12 min, 1 core
+    python toy.py --T 5 --steps 5 --smd-objective mixture-var --width 160 --batch 512 --iters 24000
+                                           # beyond the paper: K=49 mixture (mixture.py), ~8.5 min, 1 core
     python toy.py --seeds 3 --json out.json --png out.png
 """
 
