@@ -4,8 +4,8 @@ pretrained.py -- start from published DDPM weights in diffusers' format (UNet2DM
 load(source) returns (UNetConfig, state_dict, description); the state dict has exactly the
 keys of UNet(config) (unet.py), whose outputs then equal diffusers' UNet2DModel's. source is
 a Hugging Face model id (e.g. "google/ddpm-cifar10-32", downloaded once into torch's hub
-cache), a folder holding config.json + diffusion_pytorch_model.{safetensors,bin}, or one
-weights file (config.json beside it, else google/ddpm-cifar10-32's config is assumed).
+cache), a folder holding config.json + diffusion_pytorch_model.bin, or one such .bin file
+(config.json beside it, else google/ddpm-cifar10-32's config is assumed).
 
     import pretrained, unet
     config, state, desc = pretrained.load("google/ddpm-cifar10-32")
@@ -14,14 +14,13 @@ weights file (config.json beside it, else google/ddpm-cifar10-32's config is ass
 Dropout: diffusers' configs hold inference settings (newer ones write dropout 0.0, the
 hub's google/ddpm-* configs have no dropout key); a config's value is kept, and without one
 unet_config uses DDPM's training value 0.1. Change it with dataclasses.replace(config, dropout=...).
-Needs only torch: .safetensors files are parsed here, without the safetensors package.
+Needs only torch: the hub's repositories also serve the .bin (a pickled state dict), which
+torch.load(weights_only=True) reads; a .safetensors file is refused (use the .bin, or convert it).
 """
 
 import json
-import math
 import os
 import re
-import struct
 
 import torch
 
@@ -29,7 +28,7 @@ from unet import UNetConfig, UNet
 
 HUB_URL = "https://huggingface.co/{model_id}/resolve/main/{filename}"
 CONFIG_FILE = "config.json"
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")   # preferred first
+WEIGHT_FILE = "diffusion_pytorch_model.bin"
 DEFAULT_MODEL = "google/ddpm-cifar10-32"
 DDPM_CIFAR10_CONFIG = {   # google/ddpm-cifar10-32's config.json
     "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
@@ -45,8 +44,9 @@ _REQUIRED = [("time_embedding_type", "positional", ["positional"]), ("time_embed
              ("mid_block_type", "UNetMidBlock2D", ["UNetMidBlock2D"]), ("add_attention", True, [True]),
              ("mid_block_scale_factor", 1, [1]), ("downsample_padding", 1, [0]), ("downsample_type", "conv", ["conv"]),
              ("upsample_type", "conv", ["conv"]), ("act_fn", "silu", ["silu"]), ("norm_num_groups", 32, [32]),
-             ("attn_norm_num_groups", None, [None, 32]), ("resnet_time_scale_shift", "default", ["default"]),
-             ("class_embed_type", None, [None]), ("num_class_embeds", None, [None])]
+             ("norm_eps", 1e-5, [1e-6]), ("attn_norm_num_groups", None, [None, 32]),
+             ("resnet_time_scale_shift", "default", ["default"]), ("class_embed_type", None, [None]),
+             ("num_class_embeds", None, [None])]
 
 
 def is_hub_id(source):
@@ -57,71 +57,31 @@ def is_hub_id(source):
 
 
 def download(model_id):
-    """config.json and the weights (.safetensors, else .bin) of model_id, fetched once into a
-    folder of torch's hub cache, <torch.hub.get_dir()>/checkpoints/<owner>--<name>; returns it."""
+    """config.json and diffusion_pytorch_model.bin of model_id, fetched once into a folder of
+    torch's hub cache, <torch.hub.get_dir()>/checkpoints/<owner>--<name>; returns the folder."""
     folder = os.path.join(torch.hub.get_dir(), "checkpoints", model_id.replace("/", "--"))
-    path = lambda f: os.path.join(folder, f)
-    urls = [HUB_URL.format(model_id=model_id, filename=f) for f in (CONFIG_FILE, WEIGHT_FILES[1])]
+    files = [(HUB_URL.format(model_id=model_id, filename=f), os.path.join(folder, f))
+             for f in (CONFIG_FILE, WEIGHT_FILE)]
     try:
         os.makedirs(folder, exist_ok=True)
-        if not os.path.exists(path(CONFIG_FILE)):
-            torch.hub.download_url_to_file(urls[0], path(CONFIG_FILE))
-        if not any(os.path.exists(path(f)) for f in WEIGHT_FILES):
-            try:
-                torch.hub.download_url_to_file(HUB_URL.format(model_id=model_id, filename=WEIGHT_FILES[0]),
-                                               path(WEIGHT_FILES[0]))
-            except Exception:   # not published (or offline): the .bin
-                torch.hub.download_url_to_file(urls[1], path(WEIGHT_FILES[1]))
+        for url, path in files:
+            if not os.path.exists(path):
+                torch.hub.download_url_to_file(url, path)
     except Exception as e:
-        todo = [(u, path(f)) for u, f in zip(urls, (CONFIG_FILE, WEIGHT_FILES[1])) if not os.path.exists(path(f))]
         raise RuntimeError(
             f"could not download {model_id} ({type(e).__name__}: {e}). Fetch by hand:\n"
-            + "".join(f"  {u}\n    -> {p}\n" for u, p in todo)
-            + f"(or give --ckpt path/to/{WEIGHT_FILES[1]}, with its config.json beside it)") from e
+            + "".join(f"  {u}\n    -> {p}\n" for u, p in files if not os.path.exists(p))
+            + f"(or give --ckpt path/to/{WEIGHT_FILE}, with its config.json beside it)") from e
     return folder
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    """{name: tensor} of a .safetensors file: u64 little-endian header size, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the tensors' little-endian bytes."""
-    with open(path, "rb") as f:
-        buf = f.read()
-    out = {}
-    try:
-        n = struct.unpack("<Q", buf[:8])[0] if len(buf) >= 8 else -1
-        header, start = json.loads(buf[8:8 + n]) if 0 <= n <= len(buf) - 8 else None, 8 + n
-        if not isinstance(header, dict):
-            raise ValueError(f"header of {n} bytes in a file of {len(buf)}")
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, shape, (begin, end) = _DTYPES[info["dtype"]], [int(s) for s in info["shape"]], info["data_offsets"]
-            if not 0 <= begin <= end <= len(buf) - start or end - begin != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor {name!r}: {info['dtype']}{shape} at bytes {begin}..{end} "
-                                 f"of {len(buf) - start}")
-            raw = bytearray(buf[start + begin:start + end])   # a copy: aligned, writable
-            out[name] = (torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)).reshape(shape)
-    except (ValueError, KeyError, TypeError) as e:
-        raise RuntimeError(f"{path} is not a readable .safetensors file (truncated or corrupt download? "
-                           f"delete it and retry): {type(e).__name__}: {e}") from None
-    return out
-
-
 def read_weights(path):
-    """A diffusers state dict from .safetensors (parsed here) or .bin (torch.load, weights only)."""
-    if path.endswith(".safetensors"):
-        sd = read_safetensors(path)
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise RuntimeError(f"{path} is not a readable PyTorch state dict (truncated or corrupt download? "
-                               f"delete it and retry): {type(e).__name__}: {e}") from None
+    """A diffusers state dict from a .bin file (torch.load, weights only)."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path} is not a readable PyTorch state dict (truncated or corrupt download? "
+                           f"delete it and retry): {type(e).__name__}: {e}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} holds no diffusers state dict (a dict of tensors)")
     return sd
@@ -157,7 +117,7 @@ def unet_config(diffusers_config):
     return UNetConfig(image_size=size, channels=c.get("in_channels", 3), ch=chans[0],
                       ch_mult=tuple(ch // chans[0] for ch in chans), num_res_blocks=c.get("layers_per_block", 2),
                       attn_res=tuple(size >> i for i, a in enumerate(attn) if a),
-                      dropout=c.get("dropout", 0.1), norm_eps=c.get("norm_eps", 1e-5))
+                      dropout=c.get("dropout", 0.1))
 
 
 _RESNET = [("norm1", "norm1"), ("conv1", "conv1"), ("temb_proj", "time_emb_proj"), ("norm2", "norm2"),
@@ -221,13 +181,15 @@ def convert(state_dict, diffusers_config):
 
 
 def load(source=DEFAULT_MODEL):
-    """(UNetConfig, state dict for unet.UNet, description) of a hub id, a folder, or a weights file."""
+    """(UNetConfig, state dict for unet.UNet, description) of a hub id, a folder, or a .bin file."""
+    if str(source).endswith(".safetensors"):
+        raise ValueError(f"{source}: .safetensors is not read here; use the {WEIGHT_FILE} of the same "
+                         f"repository, or convert it (safetensors.torch.load_file, then torch.save)")
     folder = download(source) if is_hub_id(source) else source
     if os.path.isdir(folder):
-        found = [p for p in (os.path.join(folder, f) for f in WEIGHT_FILES) if os.path.exists(p)]
-        if not found:
-            raise FileNotFoundError(f"{folder} holds none of {', '.join(WEIGHT_FILES)}")
-        weights = found[0]
+        weights = os.path.join(folder, WEIGHT_FILE)
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"{folder} holds no {WEIGHT_FILE}")
     elif os.path.isfile(source):
         weights = source
     else:

@@ -1,6 +1,6 @@
 """pretrained.py against diffusers' UNet2DModel: random weights saved as the hub saves them
-(config.json, diffusion_pytorch_model.bin / .safetensors) load into unet.UNet, whose outputs
-then equal diffusers'. Offline: downloads are faked."""
+(config.json, diffusion_pytorch_model.bin) load into unet.UNet, whose outputs then equal
+diffusers'. Offline: downloads are faked."""
 
 import os
 import shutil
@@ -32,7 +32,8 @@ def assert_same_outputs(theirs, config, state, image_size, channels):
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
     model = diffusers_model(HUB_CONFIG)
-    return model, save_hub_files(str(tmp_path_factory.mktemp("ddpm-cifar10-32")), model, HUB_CONFIG)
+    return model, save_hub_files(str(tmp_path_factory.mktemp("ddpm-cifar10-32")), model, HUB_CONFIG,
+                                 safetensors=False)
 
 
 def test_default_config_is_the_hubs():
@@ -41,10 +42,10 @@ def test_default_config_is_the_hubs():
 
 def test_cifar10_matches_diffusers(cifar):
     model, folder = cifar
-    config, state, desc = pretrained.load(folder)   # the folder: .safetensors preferred
-    assert "diffusion_pytorch_model.safetensors" in desc
+    config, state, desc = pretrained.load(folder)
+    assert "diffusion_pytorch_model.bin" in desc
     assert config == UNetConfig(image_size=32, channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                                attn_res=(16,), dropout=0.1, norm_eps=1e-6)   # no dropout key: DDPM's 0.1
+                                attn_res=(16,), dropout=0.1)   # no dropout key: DDPM's 0.1
     config_bin, state_bin, _ = pretrained.load(os.path.join(folder, "diffusion_pytorch_model.bin"))
     assert config_bin == config and list(state_bin) == list(state)
     assert all(torch.equal(state[k], state_bin[k]) for k in state)
@@ -52,8 +53,8 @@ def test_cifar10_matches_diffusers(cifar):
 
 
 def test_weights_file_without_config_assumes_cifar10(cifar, tmp_path):
-    shutil.copy(os.path.join(cifar[1], "diffusion_pytorch_model.safetensors"), tmp_path)
-    config, state, desc = pretrained.load(str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    shutil.copy(os.path.join(cifar[1], "diffusion_pytorch_model.bin"), tmp_path)
+    config, state, desc = pretrained.load(str(tmp_path / "diffusion_pytorch_model.bin"))
     assert "assumed google/ddpm-cifar10-32" in desc and config.ch_mult == (1, 2, 2, 2)
     assert set(state) == set(UNet(config).state_dict())
 
@@ -64,7 +65,7 @@ def test_small_config_matches_diffusers(tmp_path):
     config, state, desc = pretrained.load(folder)
     assert "diffusion_pytorch_model.bin" in desc
     assert config == UNetConfig(image_size=32, channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                                attn_res=(32,), dropout=0.0, norm_eps=1e-6)
+                                attn_res=(32,), dropout=0.0)
     assert_same_outputs(model, config, state, 32, 1)
 
 
@@ -75,7 +76,7 @@ def hub_cache(tmp_path, monkeypatch):
     return str(tmp_path / "hub" / "checkpoints" / "google--ddpm-cifar10-32")
 
 
-def test_hub_download_falls_back_to_bin_and_is_done_once(tmp_path, hub_cache, monkeypatch):
+def test_hub_download_is_done_once(tmp_path, hub_cache, monkeypatch):
     model = diffusers_model(SMALL_CONFIG)
     served = save_hub_files(str(tmp_path / "served"), model, safetensors=False)
     calls = []
@@ -91,13 +92,12 @@ def test_hub_download_falls_back_to_bin_and_is_done_once(tmp_path, hub_cache, mo
     assert pretrained.is_hub_id("google/ddpm-cifar10-32")
     config, state, desc = pretrained.load("google/ddpm-cifar10-32")
     url = "https://huggingface.co/google/ddpm-cifar10-32/resolve/main/"
-    assert calls == [url + "config.json", url + "diffusion_pytorch_model.safetensors",
-                     url + "diffusion_pytorch_model.bin"]
+    assert calls == [url + "config.json", url + "diffusion_pytorch_model.bin"]
     assert sorted(os.listdir(hub_cache)) == ["config.json", "diffusion_pytorch_model.bin"]
     assert config.channels == 1 and hub_cache in desc
     assert_same_outputs(model, config, state, 32, 1)
     pretrained.load("google/ddpm-cifar10-32")
-    assert len(calls) == 3   # cached: nothing fetched again
+    assert len(calls) == 2   # cached: nothing fetched again
 
 
 def test_offline_error_says_what_to_fetch_and_where(hub_cache, monkeypatch):
@@ -118,6 +118,7 @@ def test_offline_error_says_what_to_fetch_and_where(hub_cache, monkeypatch):
     (dict(flip_sin_to_cos=True), "flip_sin_to_cos"), (dict(freq_shift=0), "freq_shift"),
     (dict(attention_head_dim=8), "attention_head_dim"), (dict(downsample_padding=1), "downsample_padding"),
     (dict(norm_num_groups=16), "norm_num_groups"), (dict(out_channels=6), "out_channels"),
+    (dict(norm_eps=1e-5), "norm_eps=1e-05"),
     (dict(time_embedding_type="fourier"), "time_embedding_type"),
     (dict(class_embed_type="timestep"), "class_embed_type"),
     (dict(block_out_channels=[128, 192, 256, 256]), "block_out_channels"),
@@ -132,10 +133,10 @@ def test_unsupported_configs_are_named(change, named):
 
 
 def test_absent_keys_take_diffusers_defaults():
-    config = dict(HUB_CONFIG)
-    del config["flip_sin_to_cos"]   # UNet2DModel's default is True: unsupported
-    with pytest.raises(ValueError, match="flip_sin_to_cos=True"):
-        pretrained.unet_config(config)
+    # UNet2DModel's defaults flip_sin_to_cos=True and norm_eps=1e-5 are unsupported (unet.py: DDPM's 1e-6)
+    for key, default in (("flip_sin_to_cos", "True"), ("norm_eps", "1e-05")):
+        with pytest.raises(ValueError, match=f"{key}={default}"):
+            pretrained.unet_config({k: v for k, v in HUB_CONFIG.items() if k != key})
 
 
 def test_convert_checks_keys_and_shapes(cifar):
@@ -150,34 +151,27 @@ def test_convert_checks_keys_and_shapes(cifar):
 
 
 def test_corrupt_files_give_clear_errors(cifar, tmp_path):
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        with open(os.path.join(cifar[1], name), "rb") as f:
-            head = f.read(1 << 20)   # the first MiB of a ~143 MB file
-        path = str(tmp_path / name)
-        with open(path, "wb") as f:
-            f.write(head)
-        with pytest.raises(RuntimeError, match="truncated or corrupt"):
-            pretrained.read_weights(path)
-    path = str(tmp_path / "garbage.safetensors")
+    with open(os.path.join(cifar[1], "diffusion_pytorch_model.bin"), "rb") as f:
+        head = f.read(1 << 20)   # the first MiB of a ~143 MB file
+    path = str(tmp_path / "diffusion_pytorch_model.bin")
     with open(path, "wb") as f:
-        f.write((20).to_bytes(8, "little") + b"this is no json head" + b"\0" * 16)
-    with pytest.raises(RuntimeError, match="not a readable .safetensors"):
+        f.write(head)
+    with pytest.raises(RuntimeError, match="truncated or corrupt"):
         pretrained.read_weights(path)
+    with pytest.raises(RuntimeError, match="truncated or corrupt"):
+        pretrained.load(path)
     with pytest.raises(FileNotFoundError):
         pretrained.load(str(tmp_path / "nowhere" / "ckpt.pt"))
 
 
-def test_safetensors_reader_dtypes(tmp_path):
-    st = pytest.importorskip("safetensors.torch")
-    g = torch.Generator().manual_seed(0)
-    tensors = {"f32": torch.randn(3, 4, generator=g), "f16": torch.randn(5, generator=g).half(),
-               "bf16": torch.randn(2, 3, generator=g).bfloat16(), "i64": torch.arange(-3, 4),
-               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
-    st.save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
-    got = pretrained.read_safetensors(str(tmp_path / "t.safetensors"))
-    assert set(got) == set(tensors)
-    for k, v in tensors.items():
-        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+def test_safetensors_is_refused_clearly(tmp_path):
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError) as e:
+        pretrained.load(str(path))
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "use the diffusion_pytorch_model.bin of the same repository" in msg
+    assert "convert" in msg
 
 
 def test_is_hub_id(tmp_path):
