@@ -18,6 +18,7 @@ import os
 import pickle
 import signal
 import struct
+import tempfile
 
 import numpy as np
 import torch
@@ -256,13 +257,20 @@ def save_grid(images, path):
 
 
 def atomic_write(path, write):
-    """write(f) into path + '.tmp', fsync, then os.replace: a crash leaves the old file intact."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """write(f) into a fresh temporary file beside path, fsync, then os.replace: a crash leaves
+    the old file intact, two writers never share a temporary file, and a failed write (disk full,
+    read-only) removes its partial file before the error goes on."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_npz(images, path):

@@ -1,15 +1,12 @@
 """
-unet.py -- the DDPM U-Net (Ho et al. 2020), optionally with Soft Mixture Denoising.
+unet.py -- the DDPM U-Net (Ho et al. 2020), optionally modulated by Soft Mixture Denoising.
 
 UNet(UNetConfig()) is DDPM's CIFAR-10 network (ch=128, ch_mult (1,2,2,2), 2 ResBlocks per
 level, attention at 16x16 and in the middle, dropout 0.1): 35,746,307 parameters.
-UNetConfig(smd=True) adds a smd.SoftMixture: the pooled encoder bottleneck feeds g_xi, and
+UNetConfig(smd=True) adds an smd.SoftMixture: the pooled encoder bottleneck feeds g_xi, and
 f_phi's (scale, shift) modulate the GroupNorm before the second conv of every middle and
-decoder ResBlock (Eq. 11: theta_hat = theta u f_phi(z_t, t)).
-UNetConfig(components=K) (beyond the paper) makes the last conv output K predictions and adds
-a small MLP on the pooled bottleneck and the time embedding for the K mixture logits (and K
-variance interpolations if learned_var); forward then returns (outputs (B, K, C, H, W),
-logits (B, K), v (B, K) or None), which smd.Diffusion reads as a mixture of K Gaussians.
+decoder ResBlock (Eq. 11: theta_hat = theta u f_phi(z_t, t)). Where to look: ResBlock.forward
+(modulate) and UNet.forward (the soft mixture is called once per forward pass).
 
     python unet.py              # parameter counts of the CIFAR-10 models, and the matched control
 """
@@ -21,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smd import SoftMixture, mlp, modulate, timestep_embedding
+from smd import SoftMixture, modulate, timestep_embedding
 
 DEFAULT_CH_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
 
@@ -38,11 +35,6 @@ class UNetConfig:
     dropout: float = 0.1
     smd: bool = False            # Soft Mixture Denoising: g_xi and f_phi (smd.SoftMixture)
     latent_dim: int = 64         # SMD: dimension of eta and z_t
-    components: int = 0          # K > 0: a categorical mixture of K Gaussians (mixture.py)
-    learned_var: bool = False    # mixture: a learned variance per component
-    norm_eps: float = 1e-6       # GroupNorm epsilon, DDPM's (TF's); checkpoints before it had 1e-5
-    tf_downsample: bool = True   # pad right/bottom before the stride-2 conv, as TF's 'SAME' in DDPM;
-                                 # False: pad 1 on every side (checkpoints written before this field)
 
     def __post_init__(self):
         if self.ch_mult is None:
@@ -50,16 +42,14 @@ class UNetConfig:
                 raise ValueError(f"image_size={self.image_size}: give ch_mult, or use one of {sorted(DEFAULT_CH_MULT)}")
             self.ch_mult = DEFAULT_CH_MULT[self.image_size]
         self.ch_mult, self.attn_res = tuple(self.ch_mult), tuple(self.attn_res)
-        if self.smd and self.components:
-            raise ValueError("smd (the paper's continuous latent) and components (a categorical mixture) are "
-                             "two different denoisers: choose one")
         if self.image_size % 2 ** (len(self.ch_mult) - 1):
             raise ValueError(f"image_size={self.image_size} is not divisible by 2^{len(self.ch_mult) - 1} "
                              f"(ch_mult={self.ch_mult})")
 
 
 def norm(ch):
-    return nn.GroupNorm(math.gcd(32, ch), ch)   # 32 groups, fewer when ch is no multiple of 32
+    """GroupNorm with DDPM's (TensorFlow's) epsilon; 32 groups, fewer when ch is no multiple of 32."""
+    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -99,13 +89,12 @@ class Attention(nn.Module):
 
 class Downsample(nn.Module):
     """Stride-2 3x3 conv. DDPM (TF, padding 'SAME') pads one row/column at the bottom/right only."""
-    def __init__(self, ch, tf_pad=True):
+    def __init__(self, ch):
         super().__init__()
-        self.tf_pad = tf_pad
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if tf_pad else 1)
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
 
     def forward(self, x, temb=None):
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.tf_pad else x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -123,7 +112,6 @@ class UNet(nn.Module):
         self.config = c = config or UNetConfig()
         self.image_size, self.channels = c.image_size, c.channels
         self.latent_dim = c.latent_dim if c.smd else 0   # smd.Diffusion draws eta of this size
-        self.components = c.components                   # smd.Diffusion trains and samples a mixture
         temb_dim = 4 * c.ch
         self.temb = nn.Sequential(nn.Linear(c.ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(c.channels, c.ch, 3, padding=1)
@@ -136,7 +124,7 @@ class UNet(nn.Module):
                 ch = c.ch * mult
                 skips.append(ch)
             if level != len(c.ch_mult) - 1:
-                self.down.append(Downsample(ch, c.tf_downsample))
+                self.down.append(Downsample(ch))
                 skips.append(ch)
                 res //= 2
         self.mid = nn.ModuleList([ResBlock(ch, ch, temb_dim, c.dropout, attn=True),
@@ -150,30 +138,29 @@ class UNet(nn.Module):
             if level != 0:
                 self.up.append(Upsample(ch))
                 res *= 2
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, c.channels * max(c.components, 1), 3, padding=1))
-        if not c.components:   # K components must start different from each other
-            nn.init.zeros_(self.out[-1].weight)
-        for m in self.modules():
-            if isinstance(m, nn.GroupNorm):
-                m.eps = c.norm_eps
+        self.out = self.output_layer(ch)
 
         # SMD: f_phi modulates the middle and decoder ResBlocks; `modulated` indexes them in mid + up
         layers = [*self.mid, *self.up]
         self.modulated = [i for i, m in enumerate(layers) if isinstance(m, ResBlock)]
-        self.mixture = None
+        self.soft_mixture = None
         if c.smd:
-            self.mixture = SoftMixture(c.latent_dim, feat_dim=self.mid[0].conv1.in_channels, temb_dim=temb_dim,
-                                       block_channels=[layers[i].conv2.out_channels for i in self.modulated],
-                                       hidden=temb_dim)
+            self.soft_mixture = SoftMixture(c.latent_dim, feat_dim=self.mid[0].conv1.in_channels, temb_dim=temb_dim,
+                                            block_channels=[layers[i].conv2.out_channels for i in self.modulated],
+                                            hidden=temb_dim)
 
-        self.mixture_head = None
-        if c.components:   # logits of pi_k(x_t) (and v_k), zero at the start: uniform pi
-            bottleneck = self.mid[0].conv1.in_channels
-            self.mixture_head = mlp(bottleneck + temb_dim, temb_dim, c.components * (2 if c.learned_var else 1), depth=1)
-            nn.init.zeros_(self.mixture_head[-1].weight)
-            nn.init.zeros_(self.mixture_head[-1].bias)
+    def output_layer(self, ch):
+        """GroupNorm-SiLU-conv to the image's channels; DDPM starts the last conv at zero."""
+        out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, self.channels, 3, padding=1))
+        nn.init.zeros_(out[-1].weight)
+        return out
 
     def forward(self, x, t, eta=None):
+        """eps_hat(x_t, t, eta): Alg. 1 lines 6-7 (Alg. 2 lines 5-6) happen in `trunk`."""
+        return self.out(self.trunk(x, t, eta)[0])
+
+    def trunk(self, x, t, eta=None):
+        """The U-Net up to its output layer: (last features, pooled bottleneck, time embedding)."""
         if x.shape[1:] != (self.channels, self.image_size, self.image_size):
             raise ValueError(f"input of shape {tuple(x.shape)}, this UNet takes "
                              f"(B, {self.channels}, {self.image_size}, {self.image_size})")
@@ -182,47 +169,39 @@ class UNet(nn.Module):
         for layer in self.down:
             hs.append(layer(hs[-1], temb))
         h = hs[-1]
-        pooled = h.float().mean((2, 3)).to(temb.dtype)
-        mods = {}                               # layer index in mid + up -> (scale, shift)
-        if self.mixture is not None:
+        pooled = h.float().mean((2, 3)).to(temb.dtype)      # the pooled x_t features g_xi sees
+        mods = {}                                           # layer index in mid + up -> (scale, shift)
+        if self.soft_mixture is not None:
             if eta is None:
                 raise ValueError("an SMD U-Net needs eta ~ N(0, I) of shape (B, latent_dim): "
                                  "smd.Diffusion draws it (Alg. 1 line 5, Alg. 2 line 4)")
-            mods = dict(zip(self.modulated, self.mixture(eta, pooled, temb)))   # Alg. 1 lines 6-7
+            mods = dict(zip(self.modulated, self.soft_mixture(eta, pooled, temb)))   # z_t, then f_phi(z_t, t)
         for i, layer in enumerate([*self.mid, *self.up]):
             if isinstance(layer, Upsample):
                 h = layer(h)
-            else:                               # decoder blocks eat one skip each
+            else:                                           # decoder blocks eat one skip each
                 h = layer(h if i < len(self.mid) else torch.cat([h, hs.pop()], 1), temb, mods.get(i))
-        if self.mixture_head is None:
-            return self.out(h)
-        K = self.components
-        head = self.mixture_head(torch.cat([pooled, temb], 1)).float()
-        out = self.out(h).view(x.shape[0], K, self.channels, self.image_size, self.image_size)
-        return out, head[:, :K], head[:, K:] if self.config.learned_var else None
+        return h, pooled, temb
 
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def matched_ch(target, **config):
-    """The smallest base width ch (a multiple of 8) whose vanilla U-Net has at least `target`
-    parameters: the parameter-matched control for an SMD or mixture model. (GroupNorm then
-    has gcd(32, ch) groups: 8 at ch = 136.)"""
-    ch = 8
-    while n_params(UNet(UNetConfig(ch=ch, **config))) < target:
-        ch += 8
-    return ch
+def matched_width(target, make, step=8):
+    """The smallest width w (a multiple of `step`) whose model make(w) has at least `target`
+    parameters: a vanilla control as large as an SMD (or categorical) model."""
+    w = step
+    while n_params(make(w)) < target:
+        w += step
+    return w
 
 
 if __name__ == "__main__":
     vanilla, smd = n_params(UNet()), n_params(UNet(UNetConfig(smd=True)))
     print(f"UNet (DDPM, CIFAR-10): {vanilla:,} parameters")
     print(f"UNet + SMD (latent 64): {smd:,} parameters (+{100 * (smd / vanilla - 1):.1f}%)")
-    ch = matched_ch(smd)
+    ch = matched_width(smd, lambda w: UNet(UNetConfig(ch=w)))
     control = n_params(UNet(UNetConfig(ch=ch)))
     print(f"the parameter-matched vanilla control: --ch {ch}, {control:,} parameters "
           f"({100 * (control / smd - 1):+.1f}% vs SMD)")
-    mix = n_params(UNet(UNetConfig(components=10)))
-    print(f"UNet, mixture of 10 components (--mixture 10): {mix:,} parameters (+{100 * (mix / vanilla - 1):.1f}%)")

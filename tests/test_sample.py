@@ -1,7 +1,8 @@
 """sample.py on CPU: same seed same images, the outputs fid.py reads, eta-sensitivity for SMD
-checkpoints, --fixed-eta and --clip-x0, old checkpoints, and clear errors for bad checkpoints
-and bad --steps."""
+checkpoints, --eta and --clip-x0, and one-line refusals of bad flags, paths and checkpoints,
+before any sampling."""
 
+import os
 import re
 import shutil
 
@@ -13,7 +14,7 @@ from PIL import Image
 import sample
 from checkpoint import load_checkpoint
 import pretrained
-from conftest import OLD_CKPT, SMALL_CONFIG, diffusers_model, save_hub_files
+from conftest import SMALL_CONFIG, diffusers_model, save_hub_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_same_seed_same_images(tiny_ckpts, sampler):
     model, diffusion, config = load_checkpoint(tiny_ckpts["smd"])
     assert config["smd"] and config["step"] == 3 and not model.training
-    gen = lambda seed: sample.generate(model, diffusion, 5, batch_size=4, steps=4, sampler=sampler, seed=seed,
+    update = sample.step_update(sampler)
+    gen = lambda seed: sample.generate(model, diffusion, 5, batch_size=4, steps=4, update=update, seed=seed,
                                        progress=False)
     a, b, c = gen(0), gen(0), gen(1)
     assert a.shape == (5, 32, 32, 3) and a.dtype == np.uint8
@@ -42,66 +44,75 @@ def test_cli_writes_grid_and_npz(tiny_ckpts, tmp_path, capsys):
     assert again.shape == (2, 32, 32, 3) and "eta-sensitivity" not in capsys.readouterr().out
 
 
-def test_clear_errors(tiny_ckpts, tmp_path):
-    def fails(path, match, *extra):
-        with pytest.raises(SystemExit, match=match):
-            sample.main(["--ckpt", str(path), "--steps", "3", "--n", "1", *extra])
+def refusal(capsys, argv):
+    """The one line sample.py refuses argv with (exit status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("sample.py: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_clear_errors(tiny_ckpts, tmp_path, capsys):
+    def fails(path, says, *extra):
+        err = refusal(capsys, ["--ckpt", str(path), "--steps", "3", "--n", "1", "--grid", str(tmp_path / "g.png"),
+                               *extra])
+        assert re.search(says, err), err
     fails(tmp_path / "missing.pt", "no checkpoint at")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(open(tiny_ckpts["ddpm"], "rb").read()[:5000])
-    fails(truncated, "not a readable checkpoint")
-    (tmp_path / "text.pt").write_text("hello")
-    fails(tmp_path / "text.pt", "not a readable checkpoint")
+    fails(truncated, "is corrupt or truncated")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    fails(tmp_path / "random.pt", "is corrupt or truncated")
+    assert "weights_only" not in refusal(capsys, ["--ckpt", str(tmp_path / "random.pt"), "--grid", str(tmp_path / "g.png")])
     torch.save({"model": {}, "model_args": {"n_layer": 12}}, tmp_path / "gpt.pt")   # another project's ckpt
     fails(tmp_path / "gpt.pt", "not a train.py checkpoint")
-    torch.save({"config": {"T": 10}, "ema": {}}, tmp_path / "nofields.pt")
-    fails(tmp_path / "nofields.pt", r"its config lacks \['image_size'")
     ckpt = torch.load(tiny_ckpts["ddpm"], weights_only=True)
     ckpt["model_config"]["ch"] = 64
     torch.save(ckpt, tmp_path / "other.pt")
     fails(tmp_path / "other.pt", "do not fit the U-Net")
-    fails(tiny_ckpts["ddpm"], r"--steps 200 > T=100", "--steps", "200")
-    fails(tiny_ckpts["ddpm"], "--cuda-graph needs a CUDA device", "--device", "cpu", "--cuda-graph")
+    fails(tiny_ckpts["ddpm"], r"--steps 200: this checkpoint's chain has only T=100", "--steps", "200")
+    for flags, says in [(["--n", "0"], "--n: 0 is out of range"), (["--batch-size", "0"], "--batch-size: 0"),
+                        (["--steps", "1"], "--steps: 1 is out of range"), (["--ddim-eta", "-1"], "--ddim-eta: -1"),
+                        (["--eta", "frozen"], "--eta: invalid choice"),
+                        (["--grid", str(tmp_path / "no" / "g.png")], "--grid .*: the folder .* does not exist"),
+                        (["--npz", str(tmp_path)], "--npz .* is a folder")]:
+        fails(tiny_ckpts["ddpm"], says, *flags)
     shutil.copy(tiny_ckpts["ddpm"], tmp_path / "ok.pt")   # and a good one still loads
     assert load_checkpoint(str(tmp_path / "ok.pt"))[2]["T"] == 100
 
 
-def test_old_checkpoint_computes_what_it_computed():
-    """OLD_CKPT (train.py at 64a42b5) loads with its own GroupNorm eps and padding, and its EMA
-    model gives the output that code gave (saved beside it); today's defaults would not."""
-    model, diffusion, info = load_checkpoint(OLD_CKPT)
-    ref = torch.load(OLD_CKPT.replace(".pt", "_output.pt"), weights_only=True)
-    assert diffusion.T == 10 and info["step"] == 6 and info["smd"] and info["norm_eps"] == 1e-5
-    with torch.no_grad():
-        out = model(ref["x"], ref["t"], ref["eta"])
-        torch.testing.assert_close(out, ref["eps_hat"], rtol=0, atol=1e-6)
-        for m in model.modules():   # the current defaults give another function
-            if isinstance(m, torch.nn.GroupNorm):
-                m.eps = 1e-6
-            if hasattr(m, "tf_pad"):
-                m.tf_pad, m.conv.padding = True, (0, 0)
-        assert (model(ref["x"], ref["t"], ref["eta"]) - ref["eps_hat"]).abs().max() > 1e-4
+def test_paths_are_checked_before_sampling(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    """A bad --npz path costs no sampling; a run folder means its ckpt.pt."""
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled before checking --npz"))
+    refusal(capsys, ["--ckpt", tiny_ckpts["ddpm"], "--npz", str(tmp_path / "missing" / "s.npz")])
+    monkeypatch.undo()
+    images = sample.main(["--ckpt", os.path.dirname(tiny_ckpts["ddpm"]), "--steps", "3", "--n", "2",
+                          "--grid", str(tmp_path / "g.png")])
+    assert images.shape == (2, 32, 32, 3)
 
 
-def test_fixed_eta_makes_smd_ddim_deterministic(tiny_ckpts, tmp_path):
+def test_held_eta_makes_smd_ddim_deterministic(tiny_ckpts, tmp_path):
     """An SMD model whose latent matters: DDIM at --ddim-eta 0 differs between two seeds' etas
-    only through eta; with --fixed-eta zero the same x_T gives bit-identical images."""
+    only through eta; with --eta zero (or fixed) the same x_T gives bit-identical images."""
     ckpt = torch.load(tiny_ckpts["smd"], weights_only=True)
     g = torch.Generator().manual_seed(0)
     for key in ("model", "ema"):   # a latent that changes the output
         for k, v in ckpt[key].items():
-            if k.startswith("mixture.f_phi"):
+            if k.startswith("soft_mixture.f_phi"):
                 v.copy_(torch.randn(v.shape, generator=g) * 0.5)
     torch.save(ckpt, tmp_path / "smd.pt")
     model, diffusion, _ = load_checkpoint(str(tmp_path / "smd.pt"))
-    draw = lambda mode: sample.generate(model, diffusion, 4, steps=5, sampler="ddim", eta_mode=mode, progress=False)
+    draw = lambda mode: sample.generate(model, diffusion, 4, steps=5, update=sample.step_update("ddim"), eta=mode,
+                                        progress=False)
     assert np.array_equal(draw("zero"), draw("zero")) and np.array_equal(draw("fixed"), draw("fixed"))
     assert not np.array_equal(draw("fresh"), draw("zero"))   # same x_T (seed 0): eta is the difference
     argv = ["--ckpt", str(tmp_path / "smd.pt"), "--sampler", "ddim", "--steps", "5", "--n", "4", "--grid",
             str(tmp_path / "g.png"), "--eta-sensitivity", "0"]
-    assert np.array_equal(sample.main([*argv, "--fixed-eta", "zero"]), draw("zero"))
-    assert np.array_equal(sample.main([*argv, "--fixed-eta"]), draw("fixed"))
-    clipped = sample.main([*argv, "--fixed-eta", "--clip-x0"])
+    assert np.array_equal(sample.main([*argv, "--eta", "zero"]), draw("zero"))
+    assert np.array_equal(sample.main([*argv, "--eta", "fixed"]), draw("fixed"))
+    clipped = sample.main([*argv, "--eta", "fixed", "--clip-x0"])
     assert clipped.shape == (4, 32, 32, 3) and not np.array_equal(clipped, draw("fixed"))
 
 
@@ -109,7 +120,7 @@ def test_sample_from_published_weights(tmp_path, monkeypatch, capsys):
     """--ckpt takes diffusers' DDPM files (here random weights in a small config) and samples
     on DDPM's chain; a hub id that cannot be downloaded says which files to fetch, and where."""
     small = dict(SMALL_CONFIG, in_channels=3, out_channels=3)
-    folder = save_hub_files(str(tmp_path / "ddpm"), diffusers_model(small), small, bin=False)
+    folder = save_hub_files(str(tmp_path / "ddpm"), diffusers_model(small), small)
     images = sample.main(["--ckpt", folder, "--steps", "3", "--n", "2", "--grid", str(tmp_path / "g.png")])
     assert images.shape == (2, 32, 32, 3) and "published weights" in capsys.readouterr().out
 
@@ -117,20 +128,23 @@ def test_sample_from_published_weights(tmp_path, monkeypatch, capsys):
         raise OSError("Name or service not known")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(SystemExit, match=r"(?s)could not download google/ddpm-cifar10-32.*"
-                                         r"https://huggingface.co/google/ddpm-cifar10-32/resolve/main/config.json"
-                                         r".*hub/checkpoints/google--ddpm-cifar10-32/diffusion_pytorch_model.bin"):
-        sample.main(["--ckpt", pretrained.DEFAULT_MODEL, "--n", "1"])
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", pretrained.DEFAULT_MODEL, "--n", "1", "--grid", str(tmp_path / "g.png")])
+    assert re.search(r"(?s)could not download google/ddpm-cifar10-32.*"
+                     r"https://huggingface.co/google/ddpm-cifar10-32/resolve/main/config.json"
+                     r".*hub/checkpoints/google--ddpm-cifar10-32/diffusion_pytorch_model.bin", capsys.readouterr().err)
 
 
-def test_mixture_checkpoint_samples(tiny_ckpts, capsys):
-    """train.py --mixture 3 --learned-var --T 10 writes a checkpoint that rebuilds the mixture U-Net,
-    samples deterministically per seed with both samplers, and reports no eta-sensitivity (no latent)."""
-    model, diffusion, config = load_checkpoint(tiny_ckpts["mixture"])
+def test_categorical_checkpoint_samples(tiny_ckpts, tmp_path, capsys):
+    """train.py --categorical 3 --learned-var --T 10 writes a checkpoint that rebuilds the categorical
+    U-Net, samples deterministically per seed with both samplers, and reports no eta-sensitivity."""
+    model, diffusion, config = load_checkpoint(tiny_ckpts["categorical"])
     assert model.components == 3 and model.config.learned_var and diffusion.T == 10
     for sampler in ("ddpm", "ddim"):
-        gen = lambda seed: sample.generate(model, diffusion, 3, steps=5, sampler=sampler, seed=seed, progress=False)
+        gen = lambda seed: sample.generate(model, diffusion, 3, steps=5, update=sample.step_update(sampler), seed=seed,
+                                           progress=False)
         a, b = gen(0), gen(0)
         assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
-    sample.main(["--ckpt", tiny_ckpts["mixture"], "--n", "2"])
+    sample.main(["--ckpt", tiny_ckpts["categorical"], "--n", "2", "--grid", str(tmp_path / "g.png"),
+                 "--eta-sensitivity", "4"])
     assert "eta-sensitivity" not in capsys.readouterr().out

@@ -5,6 +5,7 @@ This file is also the torchrun worker of test_ddp_gloo_ranks_stay_identical (see
 
 import gzip
 import os
+import re
 import shutil
 import signal
 import struct
@@ -20,7 +21,7 @@ import checkpoint
 import data
 import smd
 import train
-from conftest import ENV, OLD_CKPT, SMALL_CONFIG, ROOT, TINY, diffusers_model, save_hub_files, write_cifar10
+from conftest import ENV, SMALL_CONFIG, ROOT, TINY, diffusers_model, save_hub_files, write_cifar10
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -29,6 +30,16 @@ HAS_FASHION = os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")
 
 def run(out, *argv):
     return train.main(["--out-dir", str(out), *TINY, *argv])
+
+
+def refusal(capsys, argv, tiny=True):
+    """The one line train.py refuses argv with (exit status 2, nothing else on stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, *argv] if tiny else argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("train.py: ") and err.count("\n") == 1, err
+    return err
 
 
 def write_idx(path, array):
@@ -71,15 +82,13 @@ def test_mnist_format_files(tmp_path, offline):
     assert r["model_config"].channels == 1 and r["config"]["flip"] is False   # no flips for digits
 
 
-def test_missing_data_offline_says_where(tmp_path, offline):
+def test_missing_data_offline_says_where(tmp_path, offline, capsys):
     with pytest.raises(RuntimeError, match=r"MNIST/raw.*downloading it failed"):
         data.load_images("mnist", str(tmp_path))
     with pytest.raises(RuntimeError, match="cifar-10-batches-py"):
         data.load_images("cifar10", str(tmp_path))
-    with pytest.raises(SystemExit, match=r"train.py: cifar10: no data in .*cifar-10-batches-py"):
-        run(tmp_path / "out", "--dataset", "cifar10", "--data-dir", str(tmp_path))
-    with pytest.raises(SystemExit, match="neither cifar10"):
-        run(tmp_path / "out", "--dataset", str(tmp_path / "no-such-folder"))
+    assert re.search(r"train.py: cifar10: no data in .*cifar-10-batches-py", refusal(capsys, ["--out-dir", str(tmp_path / "out"), "--dataset", "cifar10", "--data-dir", str(tmp_path)]))
+    assert re.search("neither cifar10", refusal(capsys, ["--out-dir", str(tmp_path / "out"), "--dataset", str(tmp_path / "no-such-folder")]))
 
 
 def test_image_folder(tmp_path):
@@ -97,8 +106,7 @@ def test_image_folder(tmp_path):
     (tmp_path / "gray").mkdir()
     Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(tmp_path / "gray" / "a.png")
     assert data.ImageFolder(str(tmp_path / "gray"), 8)[(0, False)].shape == (1, 8, 8)
-    r = run(tmp_path / "out", "--dataset", str(tmp_path / "imgs"), "--image-size", "16", "--max-steps", "2",
-            "--workers", "1")
+    r = run(tmp_path / "out", "--dataset", str(tmp_path / "imgs"), "--image-size", "16", "--max-steps", "2")
     assert r["model_config"].image_size == 16 and r["model_config"].channels == 3
 
 
@@ -145,7 +153,9 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
     a = run(tmp_path / "a", *common, "--max-steps", "6")
     run(tmp_path / "b", *common, "--max-steps", "3")
     b = run(tmp_path / "b", *common, "--max-steps", "6", "--resume")
-    assert "RESUMED" in capsys.readouterr().out and b["step"] == 6
+    assert "resumed at step 3" in capsys.readouterr().out and b["step"] == 6
+    log = (tmp_path / "b" / "log.txt").read_text()
+    assert log.count("==== ") == 2 and "new run from step 0" in log and "finished at step 3" in log
     for key in ("model", "ema"):
         sa, sb = a[key].state_dict(), b[key].state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), key
@@ -157,38 +167,20 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
 def test_resume_refuses_contradictions(tmp_path, cifar_dir, capsys):
     data = ["--dataset", "cifar10", "--data-dir", cifar_dir]
     run(tmp_path / "out", *data, "--max-steps", "2")
-    with pytest.raises(SystemExit, match=r"contradicts .*--smd True \(checkpoint: False\)"):
-        run(tmp_path / "out", *data, "--max-steps", "4", "--resume", "--smd")
-    with pytest.raises(SystemExit, match=r"--ch 64 \(checkpoint: 32\)"):
-        run(tmp_path / "out", *data, "--max-steps", "4", "--resume", "--ch", "64")
-    with pytest.raises(SystemExit, match="exists: pass --resume"):
-        run(tmp_path / "out", *data, "--max-steps", "4")
-    with pytest.raises(SystemExit, match="no checkpoint at"):
-        run(tmp_path / "elsewhere", *data, "--resume")
-    with pytest.raises(SystemExit, match="anneals a mixture's responsibilities: add --mixture K"):
-        run(tmp_path / "vanilla", *data, "--max-steps", "1", "--anneal", "1e3")
+    assert re.search(r"contradicts .*--smd True \(checkpoint: False\)", refusal(capsys, ["--out-dir", str(tmp_path / "out"), *data, "--max-steps", "4", "--resume", "--smd"]))
+    assert re.search(r"--ch 64 \(checkpoint: 32\)", refusal(capsys, ["--out-dir", str(tmp_path / "out"), *data, "--max-steps", "4", "--resume", "--ch", "64"]))
+    assert re.search("exists: pass --resume", refusal(capsys, ["--out-dir", str(tmp_path / "out"), *data, "--max-steps", "4"]))
     with pytest.raises(SystemExit):
-        run(tmp_path / "cold", *data, "--max-steps", "1", "--mixture", "2", "--anneal", "0.5")
-    assert "0.5: the starting temperature must be >= 1" in capsys.readouterr().err
+        run(tmp_path / "elsewhere", *data, "--resume")
+    assert "no checkpoint at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(tmp_path / "vanilla", *data, "--max-steps", "1", "--anneal", "1e3")
+    assert "--anneal 1000.0: applies to a categorical model: add --categorical K" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(tmp_path / "cold", *data, "--max-steps", "1", "--categorical", "2", "--anneal", "0.5")
+    assert "0.5 is out of range: give a starting temperature >= 1" in capsys.readouterr().err
     r = train.main(["--out-dir", str(tmp_path / "out"), "--resume", "--max-steps", "3"])   # the rest from ckpt
     assert r["step"] == 3 and r["model_config"].ch == 32 and r["config"]["data_dir"] == cifar_dir
-
-
-def test_resume_a_checkpoint_of_the_old_format(tmp_path, cifar_dir):
-    """OLD_CKPT was written by train.py before the model config had its own entry (its network
-    fields sit in 'config'; GroupNorm eps 1e-5, symmetric padding): it resumes, keeps its
-    network, and is saved in the new format."""
-    os.makedirs(tmp_path / "out")
-    shutil.copy(OLD_CKPT, tmp_path / "out" / "ckpt.pt")
-    with pytest.raises(SystemExit, match=r"--ch 32 \(checkpoint: 8\)"):
-        train.main(["--out-dir", str(tmp_path / "out"), "--resume", "--data-dir", cifar_dir, "--ch", "32"])
-    r = train.main(["--out-dir", str(tmp_path / "out"), "--resume", "--data-dir", cifar_dir, "--max-steps", "8",
-                    "--log-every", "1"])
-    cfg = r["model_config"]
-    assert r["step"] == 8 and (cfg.ch, cfg.ch_mult, cfg.latent_dim, cfg.smd) == (8, (1, 2), 4, True)
-    assert (cfg.norm_eps, cfg.tf_downsample) == (1e-5, False) and r["config"]["T"] == 10
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    assert ckpt["model_config"]["norm_eps"] == 1e-5 and ckpt["step"] == 8
 
 
 def test_init_from_ddpm_weights_starts_smd_exactly_at_ddpm(tmp_path, cifar_dir, capsys):
@@ -197,13 +189,11 @@ def test_init_from_ddpm_weights_starts_smd_exactly_at_ddpm(tmp_path, cifar_dir, 
     flags that would change the network or the chain are refused."""
     small = dict(SMALL_CONFIG, in_channels=3, out_channels=3)
     theirs = diffusers_model(small)
-    folder = save_hub_files(str(tmp_path / "ddpm"), theirs, small, safetensors=False)
-    common = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--init", folder, "--batch-size", "4", "--workers", "0",
+    folder = save_hub_files(str(tmp_path / "ddpm"), theirs, small)
+    common = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--init", folder, "--batch-size", "4",
               "--sample-every", "0", "--log-every", "1"]
-    with pytest.raises(SystemExit, match="fix the network and the chain .*drop --ch"):
-        train.main([*common, "--out-dir", str(tmp_path / "x"), "--ch", "64"])
-    with pytest.raises(SystemExit, match="drop --T"):
-        train.main([*common, "--out-dir", str(tmp_path / "x"), "--T", "100"])
+    assert re.search("fix the network and the chain .*drop --ch", refusal(capsys, [*common, "--out-dir", str(tmp_path / "x"), "--ch", "64"], tiny=False))
+    assert re.search("drop --T", refusal(capsys, [*common, "--out-dir", str(tmp_path / "x"), "--T", "100"], tiny=False))
     r = train.main([*common, "--out-dir", str(tmp_path / "out"), "--smd", "--latent-dim", "8", "--lr", "0",
                     "--max-steps", "1"])   # lr 0: the weights stay those of the start
     assert f"initialised from diffusers UNet2DModel {folder}" in capsys.readouterr().out
@@ -242,7 +232,8 @@ def test_killed_writer_leaves_old_checkpoint(tmp_path):
     assert p.stdout.readline().strip() == "writing"
     p.kill()   # SIGKILL mid-write
     p.wait()
-    assert os.path.getsize(path + ".tmp") > 0
+    tmp = [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")]
+    assert len(tmp) == 1 and os.path.getsize(os.path.join(os.path.dirname(path), tmp[0])) > 0   # the killed write
     assert torch.load(path, weights_only=True)["step"] == 1   # the old checkpoint, intact
     checkpoint.save_checkpoint({"step": 3}, path)              # and the next save replaces it
     assert torch.load(path, weights_only=True)["step"] == 3
@@ -276,6 +267,84 @@ def test_ddp_gloo_ranks_stay_identical(tmp_path, cifar_dir):
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2 and all(torch.equal(ckpt["model"][k], r0["model"][k])
                                                                for k in r0["model"])
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--batch-size", "-4"], "--batch-size: -4 is out of range"), (["--batch-size", "0"], "--batch-size: 0 is out"),
+    (["--ckpt-every", "0"], "--ckpt-every: 0"), (["--log-every", "0"], "--log-every: 0"),
+    (["--sample-n", "0"], "--sample-n: 0"), (["--T", "1"], "--T: 1 is out of range"), (["--lr", "-1"], "--lr: -1 is out of range"),
+    (["--categorical", "-2"], "--categorical: -2"), (["--dropout", "1.5"], "--dropout: 1.5"), (["--ch", "0"], "--ch: 0"),
+    (["--ema-decay", "-1"], "--ema-decay: -1"), (["--eta-samples", "0"], "--eta-samples: 0"),
+    (["--max-steps", "0"], "--max-steps: 0"), (["--lr", "nan"], "--lr: nan"), (["--batch-size", "x"], "not an integer"),
+    (["--attn-res", "7"], "--attn-res [7]: the U-Net's resolutions are [32, 16]"),
+    (["--sample-every", "5", "--sample-steps", "1"], "--sample-steps: 1 is out of range"),
+    (["--sample-every", "5", "--sample-steps", "200"], "--sample-steps 200: the chain has only --T 100"),
+    (["--image-size", "64"], "--image-size 64: cifar10 is 32x32"),
+    (["--ch-mult", "1,2,2,2,2,2,2"], "--ch-mult [1, 2, 2, 2, 2, 2, 2]: image_size=32 is not divisible"),
+    (["--smd", "--categorical", "3"], "two different models"), (["--learned-var"], "add --categorical K"),
+    (["--eta-samples", "4"], "add --smd"), (["--dataset", "nowhere"], "neither cifar10"),
+])
+def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, says):
+    err = refusal(capsys, ["--out-dir", str(tmp_path / "out"), *argv])
+    assert says in err, err
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_resume_checks_stored_flags_and_finished_runs(tmp_path, cifar_dir, capsys):
+    out = ["--out-dir", str(tmp_path / "out")]
+    run(tmp_path / "out", "--dataset", "cifar10", "--data-dir", cifar_dir, "--max-steps", "2")
+    err = refusal(capsys, [*out, "--resume"], tiny=False)   # --max-steps 2 is stored: the run is done
+    assert "already at step 2 of --max-steps 2: pass a larger --max-steps" in err
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    ckpt["config"].update(sample_every=5, sample_steps=500)   # a stored value that cannot run
+    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+    err = refusal(capsys, [*out, "--resume", "--max-steps", "4"], tiny=False)
+    assert "--sample-steps 500 (stored in the checkpoint: pass --sample-steps to override it)" in err
+    r = train.main([*out, "--resume", "--max-steps", "3", "--sample-steps", "10"])
+    assert r["step"] == 3
+
+
+def test_one_run_per_out_dir(tmp_path, cifar_dir):
+    """A second run in a locked --out-dir is refused in one line; the lock dies with its process."""
+    cmd = [sys.executable, "train.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--out-dir",
+           str(tmp_path / "out"), *TINY, "--max-steps", "100000"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    try:
+        for line in first.stdout:
+            if line.startswith("step 1/"):
+                break
+        second = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert "another training run is using --out-dir" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    third = subprocess.run(cmd[:-1] + ["3", "--resume"], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                           timeout=120)
+    assert "already at step" in third.stderr or third.returncode in (0, 2), third.stderr   # the lock is free again
+
+
+def test_full_disk_keeps_the_last_checkpoint(tmp_path, cifar_dir, monkeypatch, capsys):
+    """A checkpoint write that fails (ENOSPC from the writer) leaves the previous checkpoint and
+    no partial file, says how much space a checkpoint needs, and --resume works afterwards."""
+    common = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--ckpt-every", "2"]
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if obj.get("step") == 4:
+            f.write(b"x" * 1000)
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "out", *common, "--max-steps", "6")
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    assert "No space left on device" in out and "the checkpoint of step 2 is intact" in out and "MiB" in out
+    assert sorted(os.listdir(tmp_path / "out")) == [".lock", "ckpt.pt", "log.txt"]
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(torch, "save", real_save)
+    assert run(tmp_path / "out", *common, "--max-steps", "6", "--resume")["step"] == 6
 
 
 if __name__ == "__main__":   # torchrun worker: train, then dump this rank's weights

@@ -1,10 +1,16 @@
-"""The U-Net: DDPM's size, SDPA attention, SMD modulation, bf16 autocast (CPU)."""
+"""The U-Net: DDPM's size, SDPA attention, where SMD's soft mixture enters and what it modulates,
+a golden output, bf16 autocast (CPU)."""
+
+import os
 
 import pytest
 import torch
 
+import smd
 import unet
 from unet import UNet, UNetConfig
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smd_unet.pt")
 
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=(16,), dropout=0.0)
 
@@ -31,7 +37,7 @@ def test_timestep_embedding_matches_diffusers():
     emb = pytest.importorskip("diffusers.models.embeddings")
     t = torch.tensor([0, 1, 17, 500, 999])
     ref = emb.get_timestep_embedding(t, 128, flip_sin_to_cos=False, downscale_freq_shift=1)
-    torch.testing.assert_close(unet.timestep_embedding(t, 128), ref)
+    torch.testing.assert_close(smd.timestep_embedding(t, 128), ref)
 
 
 def test_attention_equals_softmax_formula():
@@ -52,19 +58,6 @@ def test_shapes(image_size, channels):
     assert m(x, torch.tensor([0, 999])).shape == x.shape
 
 
-def test_mixture_heads():
-    """--mixture K: K predictions from the last conv, K logits (and K variance mixes) from the pooled
-    bottleneck; pi starts uniform and the K predictions start different from each other."""
-    m = tiny(components=4, learned_var=True)
-    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0, 500])
-    out, logits, v = m(x, t)
-    assert out.shape == (2, 4, 3, 32, 32) and logits.shape == v.shape == (2, 4)
-    assert torch.equal(logits, torch.zeros(2, 4)) and (out[:, 0] - out[:, 1]).abs().mean() > 1e-3
-    assert tiny(components=4)(x, t)[2] is None
-    with pytest.raises(ValueError, match="smd"):
-        UNetConfig(smd=True, components=4)
-
-
 def test_bad_input_and_config_raise():
     with pytest.raises(ValueError, match="this UNet takes"):
         tiny()(torch.randn(1, 3, 28, 28), torch.tensor([0]))
@@ -79,14 +72,14 @@ def test_untrained_smd_equals_vanilla_then_depends_on_eta():
     vanilla = randomize(tiny()).eval()
     model = tiny(smd=True, latent_dim=8).eval()
     missing, unexpected = model.load_state_dict(vanilla.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith("mixture.") for k in missing)
+    assert not unexpected and missing and all(k.startswith("soft_mixture.") for k in missing)
     x, t = torch.randn(3, 3, 32, 32), torch.tensor([5, 300, 900])
     eta1, eta2 = torch.randn(3, 8), torch.randn(3, 8)
     with torch.no_grad():
         ref = vanilla(x, t)
         torch.testing.assert_close(model(x, t, eta1), ref)     # f_phi's last layer is zero: theta_hat = theta
         torch.testing.assert_close(model(x, t, eta2), ref)
-        torch.nn.init.normal_(model.mixture.f_phi[-1].weight, std=0.5)
+        torch.nn.init.normal_(model.soft_mixture.f_phi[-1].weight, std=0.5)
         a, b = model(x, t, eta1), model(x, t, eta2)
     scale = ref.abs().max()
     assert (a - b).abs().max() > 1e-4 * scale                # now the output depends on eta
@@ -96,7 +89,7 @@ def test_untrained_smd_equals_vanilla_then_depends_on_eta():
 def test_smd_modulates_middle_and_decoder_blocks():
     model = tiny(smd=True)
     blocks = [m for m in [*model.mid, *model.up] if isinstance(m, unet.ResBlock)]
-    assert model.mixture.block_channels == [b.conv2.out_channels for b in blocks]
+    assert model.soft_mixture.block_channels == [b.conv2.out_channels for b in blocks]
     assert [[*model.mid, *model.up][i] for i in model.modulated] == blocks
     assert model.latent_dim == 64 and tiny().latent_dim == 0
 
@@ -115,16 +108,60 @@ def test_smd_needs_eta_from_its_caller():
 
 
 def test_downsampling_pads_like_tensorflow_same():
-    """DDPM's stride-2 conv ('SAME' in TF) pads one row and column at the bottom/right only;
-    tf_downsample=False (checkpoints from before the field) pads every side."""
-    torch.manual_seed(0)
-    tf, sym = unet.Downsample(4, tf_pad=True), unet.Downsample(4, tf_pad=False)
-    sym.load_state_dict(tf.state_dict())
+    """DDPM's stride-2 conv ('SAME' in TF) pads one row and column at the bottom/right only."""
+    down = unet.Downsample(4)
     x = torch.randn(1, 4, 8, 8)
-    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), tf.conv.weight, tf.conv.bias, stride=2)
-    torch.testing.assert_close(tf(x), ref)
-    assert tf(x).shape == sym(x).shape == (1, 4, 4, 4) and not torch.allclose(tf(x), sym(x))
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2)
+    torch.testing.assert_close(down(x), ref)
     assert all(m.eps == 1e-6 for m in tiny().modules() if isinstance(m, torch.nn.GroupNorm))
+
+
+def test_soft_mixture_sees_the_pooled_bottleneck_and_modulates_norm2():
+    """UNet.trunk feeds g_xi the spatial mean of the encoder's last activations (with eta and the
+    time embedding), and each modulated ResBlock applies its (scale, shift) right after norm2."""
+    model = randomize(tiny(smd=True, latent_dim=8)).eval()
+    x, t, eta = torch.randn(2, 3, 32, 32), torch.tensor([3, 700]), torch.randn(2, 8)
+    seen, norm2_out, block_in = {}, [], []
+    model.soft_mixture.register_forward_hook(lambda m, a, out: seen.update(args=a, mods=out))
+    model.down[-1].register_forward_hook(lambda m, a, out: seen.update(bottleneck=out))
+    block = model.mid[1]
+    block.norm2.register_forward_hook(lambda m, a, out: norm2_out.append(out))
+    block.conv2.register_forward_hook(lambda m, a, out: block_in.append(a[0]))
+    with torch.no_grad():
+        model(x, t, eta)
+    e, feats, temb = seen["args"]
+    assert torch.equal(e, eta) and torch.allclose(feats, seen["bottleneck"].mean((2, 3)), atol=1e-6)
+    torch.testing.assert_close(temb, model.temb(smd.timestep_embedding(t, 32)))
+    scale, shift = seen["mods"][model.modulated.index(1)]                       # mid[1] is layer 1 of mid + up
+    h = norm2_out[0] * (1 + scale[:, :, None, None]) + shift[:, :, None, None]  # then SiLU, dropout (off), conv2
+    torch.testing.assert_close(block_in[0], torch.nn.functional.silu(h))
+
+
+def make_golden():
+    """A small SMD U-Net with every weight random (f_phi too), its inputs and its outputs:
+    written once by this function, compared by the test below."""
+    torch.manual_seed(0)
+    cfg = dict(image_size=8, channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0,
+               smd=True, latent_dim=4)
+    model = randomize(UNet(UNetConfig(**cfg))).eval()
+    for p in model.soft_mixture.parameters():   # a latent and a modulation that matter
+        torch.nn.init.normal_(p, std=0.5)
+    x, t, eta = torch.randn(3, 1, 8, 8), torch.tensor([0, 41, 999]), torch.randn(3, 4)
+    with torch.no_grad():
+        out = model(x, t, eta)
+    torch.save({"config": cfg, "state": model.state_dict(), "x": x, "t": t, "eta": eta, "out": out}, GOLDEN)
+
+
+def test_golden_output():
+    """The output of a fixed SMD U-Net (tests/data/golden_smd_unet.pt, written by make_golden)
+    stays what it was: any change to the U-Net, g_xi, f_phi or modulate shows here."""
+    g = torch.load(GOLDEN, weights_only=True)
+    model = UNet(UNetConfig(**g["config"])).eval()
+    model.load_state_dict(g["state"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(g["x"], g["t"], g["eta"]), g["out"], atol=1e-5, rtol=1e-5)
+        other = model(g["x"], g["t"], torch.zeros_like(g["eta"]))
+    assert (other - g["out"]).abs().max() > 1e-2 * g["out"].abs().max()   # eta matters in this model
 
 
 @pytest.mark.parametrize("smd", [False, True])

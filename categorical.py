@@ -1,0 +1,149 @@
+"""
+categorical.py -- beyond the paper: each reverse step a categorical mixture of K Gaussians.
+
+SMD (smd.py) makes p_theta(x_{t-1} | x_t) a continuous mixture through a latent eta and trains
+it with Jensen's bound, whose minimiser ignores eta. Here the mixture is finite,
+
+    p(x_{t-1} | x_t) = sum_k pi_k(x_t) N(x_{t-1}; mu_k, sigma_k^2 I),
+
+mu_k the posterior mean of q(x_{t-1} | x_t, x_0 = x0_hat_k), so its negative log-likelihood can
+be computed exactly (a logsumexp over k): no latent to sample, no bound. K = 1 with fixed
+variances is DDPM's L_{t-1} (Eq. 14 with Gamma_t). A categorical model returns
+(out_k (B, K, ...), logits (B, K), var_logits (B, K) or None): K outputs read as x0_hat_k
+through the diffusion's objective (eps or v), the logits of pi and, if learned, per-component
+variances log sigma_k^2 = f log beta + (1 - f) log beta_tilde with f = sigmoid(var_logits) (as
+improved DDPM; at the last step beta_tilde = 0, so there it is clipped to the step before's).
+
+Mixtures trained by likelihood fall into k-means' local optimum: at a large step the
+responsibilities are one-hot, a component that starts far from every mode never gets a gradient
+(dead), and its modes go to a neighbour that settles on their average (a blend). `temperature`
+anneals the responsibilities instead (deterministic annealing, Ueda & Nakano 1998): training
+starts with the energies divided by tau0 >> 1, every component feels every example, and the
+components split apart as tau falls to 1, where the loss is the exact likelihood again.
+
+  CategoricalConfig, CategoricalUNet   the U-Net with K outputs and a head for the logits
+  CategoricalDiffusion                 `loss` (the exact mixture NLL) and `sample` (k ~ pi)
+
+    python train.py --dataset fashion-mnist --categorical 10 --learned-var --anneal 1e6 --T 5
+    python toy.py --T 5 --steps 5 --smd-objective categorical-var --width 160 --batch-size 512 --iters 24000
+    python templates.py --T 2
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from smd import Diffusion, ddpm_update, mlp, posterior
+from unet import UNet, UNetConfig, norm
+
+
+@dataclass
+class CategoricalConfig(UNetConfig):
+    components: int = 10         # K Gaussians per reverse step
+    learned_var: bool = False    # a learned variance per component (else beta_tilde)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.smd or self.components < 1:
+            raise ValueError(f"components={self.components}, smd={self.smd}: a categorical model has K >= 1 "
+                             f"components and no soft mixture")
+
+
+class CategoricalUNet(UNet):
+    """The U-Net whose last conv predicts K outputs, and a small MLP on the pooled bottleneck and
+    the time embedding for the K logits of pi (and K variance logits), zero at the start."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        K, temb_dim, bottleneck = config.components, 4 * config.ch, self.mid[0].conv1.in_channels
+        self.components = K
+        self.head = mlp(bottleneck + temb_dim, temb_dim, K * (2 if config.learned_var else 1), depth=1)
+        nn.init.zeros_(self.head[-1].weight)   # uniform pi and mid-range variances at the start
+        nn.init.zeros_(self.head[-1].bias)
+
+    def output_layer(self, ch):
+        """K outputs; not zero-initialised, so that the components start apart."""
+        return nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, self.channels * self.config.components, 3, padding=1))
+
+    def forward(self, x, t, eta=None):
+        h, pooled, temb = self.trunk(x, t)
+        K = self.components
+        head = self.head(torch.cat([pooled, temb], 1)).float()
+        out = self.out(h).view(x.shape[0], K, self.channels, self.image_size, self.image_size)
+        return out, head[:, :K], head[:, K:] if self.config.learned_var else None
+
+
+def temperature(step, total, tau0, frac=0.5):
+    """tau at a training step: tau0 -> 1 geometrically over the first `frac` of training, then 1."""
+    return tau0 ** max(0.0, 1 - step / (frac * total)) if tau0 > 1 else 1.0
+
+
+class CategoricalDiffusion(Diffusion):
+    """The same chain as smd.Diffusion; its loss is the exact mixture likelihood and its
+    sampler picks a component at every step."""
+
+    def loss(self, model, x0, tau=1.0):
+        """-log p(x_{t-1} | x_t) per dimension, exactly (logsumexp over the K components), for
+        x_{t-1} ~ q(x_{t-1} | x_t, x_0) and t ~ U{1..T}: the variational bound in nats, constants
+        dropped. With d_k = x0_hat_k - x_0, x_{t-1} - mu_k = sqrt(bt) xi - c0 d_k and sigma_t^2 =
+        beta_tilde_t (clipped at t = 0 to its t = 1 value),
+          log N_k = -(c0^2 |d_k|^2 - 2 c0 sqrt(bt) (d_k - mean_k d).xi) / (2 sigma_t^2) + const.
+        Subtracting mean_k d (the same for every k; xi is independent of it) is a control variate:
+        unbiased, and it removes the xi noise entirely when the components agree, only partly when
+        they disagree. K = 1 is then Eq. (14) with Gamma_t, DDPM's L_{t-1}. Learned variances add
+        their own term: the mixture log-density with means and weights held fixed (stop-gradient,
+        as improved DDPM's L_hybrid), so a wide variance cannot stand in for a wrong mean. With
+        tau > 1 the first term is -tau logsumexp(log N_k / tau) (see `temperature`)."""
+        B = x0.shape[0]
+        t = torch.randint(0, self.T, (B,), device=x0.device)
+        eps = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, eps)
+        out, logits, var_logits = model(x_t, t)
+        abar, beta = self.alphas_cumprod[t], self.betas[t]
+        c0, _, bt = posterior(abar, abar / (1 - beta))
+        bt1 = posterior(self.alphas_cumprod[1], self.alphas_cumprod[0])[2]
+        s2 = torch.where(t == 0, bt1, bt)                                     # sigma_t^2, clipped at t = 0
+        x0_k = self.x0_from(out.double(), x_t[:, None].double(), abar.view(B, *[1] * (out.dim() - 1)))
+        d = (x0_k - x0[:, None].double()).flatten(2)                         # (B, K, D)
+        xi = torch.randn(B, 1, d.shape[2], device=x0.device, dtype=d.dtype)
+        dd, dxi = d.pow(2).sum(2), (d * xi).sum(2)                           # |d_k|^2 and d_k.xi, (B, K)
+        c0, beta, bt, s2 = (a.view(B, 1) for a in (c0, beta, bt, s2))
+        log_pi = F.log_softmax(logits.double(), 1)
+        cross = dxi - dxi.mean(1, keepdim=True)                              # (d_k - mean_k d).xi
+        nll = -tau * torch.logsumexp((log_pi - (c0**2 * dd - 2 * c0 * bt.sqrt() * cross) / (2 * s2)) / tau, 1)
+        if var_logits is not None:    # the variances' own term: |x_{t-1} - mu_k|^2 with d held fixed
+            log_s2 = torch.lerp(s2.log(), beta.log(), torch.sigmoid(var_logits.double()))
+            r2 = bt * xi.pow(2).sum(2) - 2 * c0 * bt.sqrt() * dxi.detach() + c0**2 * dd.detach()
+            nll = nll - torch.logsumexp(log_pi.detach() - r2 / (2 * log_s2.exp()) - 0.5 * d.shape[2] * log_s2, 1)
+        return nll.mean().float() / d.shape[2]
+
+    @torch.no_grad()
+    def sample(self, model, shape, steps=None, var="small", generator=None, x_T=None, update=None):
+        """Ancestral sampling: at every step k ~ pi(x_t), then Alg. 2 line 7 with eps_hat from
+        x0_hat_k and sigma_t^2 from `var`, or the component's own learned variance (added at every
+        step, the last one included, unless `update` replaces the step, e.g. smd.ddim_update)."""
+        x = x_T if x_T is not None else torch.randn(shape, device=self.betas.device, generator=generator)
+        u = torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)   # K = 1: no choice to draw
+        rows = torch.arange(x.shape[0], device=x.device)
+        beta_tilde = None
+        for t, abar, abar_prev in self.step_coefficients(steps):
+            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            out, logits, var_logits = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+            if out.shape[1] > 1:
+                torch.rand(u.shape, generator=generator, out=u)
+            k = (logits.float().softmax(1).cumsum(1) < u).sum(1).clamp(max=out.shape[1] - 1)   # k ~ pi, inverse CDF
+            x0 = self.x0_from(out[rows, k].to(x.dtype), x, abar)
+            eps_hat = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+            if var_logits is None or update is not None:
+                x = (update or (lambda *a: ddpm_update(*a, var=var)))(x, eps_hat, noise, abar, abar_prev)
+                continue
+            alpha = abar / abar_prev
+            beta_tilde = posterior(abar, abar_prev)[2] if abar_prev < 1 else beta_tilde   # last step: the one before's
+            f = torch.sigmoid(var_logits[rows, k].to(x.dtype))
+            log_s2 = math.log(beta_tilde) + f * (math.log(1 - alpha) - math.log(beta_tilde))
+            mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)   # Alg. 2 line 7's mean
+            x = mean + (0.5 * log_s2).exp().view(-1, *[1] * (x.dim() - 1)) * noise
+        return x.clamp(-1, 1)

@@ -1,0 +1,180 @@
+"""Beyond the paper: the categorical mixture (categorical.py) against DDPM (K = 1), a
+brute-force mixture likelihood and its sampler's component frequencies (CPU, float64).
+Statistical checks state their band in standard errors (at least 4)."""
+
+import math
+
+import pytest
+import torch
+
+import categorical
+import smd
+from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet
+from test_smd import GaussianOracle
+
+
+def posterior_terms(d, t):
+    """Per-example (abar, c0, beta, beta_tilde, sigma_t^2 = beta_tilde clipped at t = 0), from
+    DDPM's formulas written out here."""
+    abar, beta = d.alphas_cumprod[t], d.betas[t]
+    ap = abar / (1 - beta)
+    bt = beta * (1 - ap) / (1 - abar)
+    bt1 = d.betas[1] * (1 - d.alphas_cumprod[0]) / (1 - d.alphas_cumprod[1])
+    return abar, ap.sqrt() * beta / (1 - abar), beta, bt, torch.where(t == 0, bt1, bt)
+
+
+def test_categorical_unet_heads():
+    """K predictions from the last conv, K logits (and K variance logits) from the pooled
+    bottleneck; pi starts uniform and the K predictions start different from each other."""
+    cfg = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=(16,), dropout=0.0)
+    m = CategoricalUNet(CategoricalConfig(**cfg, components=4, learned_var=True))
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0, 500])
+    out, logits, var_logits = m(x, t)
+    assert out.shape == (2, 4, 3, 32, 32) and logits.shape == var_logits.shape == (2, 4)
+    assert torch.equal(logits, torch.zeros(2, 4)) and (out[:, 0] - out[:, 1]).abs().mean() > 1e-3
+    assert CategoricalUNet(CategoricalConfig(**cfg, components=4))(x, t)[2] is None
+    with pytest.raises(ValueError, match="no soft mixture"):
+        CategoricalConfig(smd=True, components=4)
+
+
+class Mixture(torch.nn.Module):
+    """A mixture model with given outputs: out (K, D) per component (read through the
+    objective), logits (K,), var_logits (K,) or None, the same for every x_t."""
+
+    def __init__(self, out, logits, v=None):
+        super().__init__()
+        self.out, self.logits, self.v = out, logits, v
+
+    def forward(self, x, t, eta=None):
+        B = x.shape[0]
+        v = None if self.v is None else self.v.expand(B, -1)
+        return self.out.expand(B, *self.out.shape).to(x.dtype), self.logits.expand(B, -1), v
+
+
+class OneComponent(torch.nn.Module):
+    """Any eps model as a mixture of K = 1 (its x0_hat through the eps objective)."""
+
+    def __init__(self, eps_model):
+        super().__init__()
+        self.eps_model = eps_model
+
+    def forward(self, x, t, eta=None):
+        return self.eps_model(x, t)[:, None], torch.zeros(x.shape[0], 1, dtype=x.dtype), None
+
+
+def test_mixture_of_one_is_ddpm():
+    """K = 1 with fixed variances: the mixture loss is Eq. (14) with Gamma_t (DDPM's L_{t-1}) on
+    the same draws, and the sampler (DDPM large/small, DDIM) is DDPM's, step for step."""
+    d, oracle = CategoricalDiffusion(T=20), GaussianOracle(0.3, smd.Diffusion(T=20).alphas_cumprod)
+    ddpm = smd.Diffusion(T=20)
+    x0 = 0.3 * torch.randn(64, 8, dtype=torch.float64)
+    torch.manual_seed(5)
+    ours = d.loss(OneComponent(oracle), x0)
+    torch.manual_seed(5)                                  # the same t and eps
+    t = torch.randint(0, d.T, (64,))
+    eps = torch.randn_like(x0)
+    abar, c0, beta, bt, s2 = posterior_terms(d, t)
+    gamma = c0**2 * (1 - abar) / abar / (2 * s2)          # Gamma_t = c^2 / (2 sigma_t^2), c in eps units
+    ref = (gamma[:, None] * (oracle(d.q_sample(x0, t, eps), t) - eps) ** 2).mean()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    x_T = torch.randn(16, 8, dtype=torch.float64)
+    for kw in (dict(var="large"), dict(var="small"), dict(update=smd.ddim_update)):
+        a = d.sample(OneComponent(oracle), x_T.shape, x_T=x_T.clone(), generator=torch.Generator().manual_seed(1), **kw)
+        b = ddpm.sample(oracle, x_T.shape, x_T=x_T.clone(), generator=torch.Generator().manual_seed(1), **kw)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def mixture_nll(d, x0, t, eps, xi, out, logits, log_s2, tau=1.0):
+    """-log sum_k pi_k N(x_{t-1}; mu_k, s_k^2 I) per dimension for x_{t-1} = mu_tilde + sqrt(bt) xi,
+    written from DDPM's posterior formulas without CategoricalDiffusion.loss's algebra (log 2 pi dropped)."""
+    abar, betas = d.alphas_cumprod[t], d.betas[t]
+    ap = abar / (1 - betas)
+    c0, ct, bt = ap.sqrt() * betas / (1 - abar), (1 - betas).sqrt() * (1 - ap) / (1 - abar), betas * (1 - ap) / (1 - abar)
+    x_t = abar.sqrt()[:, None] * x0 + (1 - abar).sqrt()[:, None] * eps
+    x_prev = c0[:, None] * x0 + ct[:, None] * x_t + bt.sqrt()[:, None] * xi
+    mu = c0[:, None, None] * d.x0_from(out, x_t[:, None], abar.view(-1, 1, 1)) + ct[:, None, None] * x_t[:, None]
+    logn = -((x_prev[:, None] - mu) ** 2).sum(2) / (2 * log_s2.exp()) - 0.5 * x0.shape[1] * log_s2
+    return -tau * torch.logsumexp((torch.log_softmax(logits, 1) + logn) / tau, 1) / x0.shape[1]
+
+
+def test_mixture_loss_against_brute_force():
+    """On 100k fresh draws for one x_0: the loss is the brute-force mixture NLL of the fixed
+    variances plus, if learned, that of the learned ones (the control variate and the dropped
+    constants aside: E |sqrt(bt) xi|^2 / (2 s^2) + (D/2) log s^2 for the fixed part); and the
+    learned variances' term sends no gradient to the means or the weights."""
+    torch.manual_seed(0)
+    d, K, D, B = CategoricalDiffusion(T=5, objective="v"), 3, 4, 100_000
+    out, logits, v = (torch.randn(*s, dtype=torch.float64) for s in ((K, D), (K,), (K,)))
+    x0 = torch.randn(1, D, dtype=torch.float64).clamp(-1, 1).expand(B, D).contiguous()
+    t = torch.randint(0, d.T, (B,))
+    eps, xi = torch.randn_like(x0), torch.randn_like(x0)
+    abar, c0, beta, bt, s2 = posterior_terms(d, t)
+    outs, lg = out.expand(B, K, D), logits.expand(B, K)
+    fixed = mixture_nll(d, x0, t, eps, xi, outs, lg, s2.log()[:, None].expand(B, K))
+    fixed = fixed - (bt / (2 * s2) + 0.5 * s2.log())          # the constants the loss drops
+    learned = mixture_nll(d, x0, t, eps, xi, outs, lg, torch.lerp(s2.log()[:, None], beta.log()[:, None], v.sigmoid()))
+    torch.manual_seed(1)
+    ours_fixed = d.loss(Mixture(out, logits), x0).item()
+    torch.manual_seed(1)
+    ours_learned = d.loss(Mixture(out, logits, v), x0).item()
+    assert ours_fixed == pytest.approx(fixed.mean().item(), rel=0.01)
+    assert ours_learned == pytest.approx((fixed + learned).mean().item(), rel=0.01)
+
+    grads = []
+    for var in (None, v):                                     # same draws: means and logits get the same gradient
+        o, lgt = out.clone().requires_grad_(), logits.clone().requires_grad_()
+        torch.manual_seed(3)
+        d.loss(Mixture(o, lgt, var), x0[:512]).backward()
+        grads.append((o.grad, lgt.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-12)
+
+
+def test_annealed_mixture_loss_against_brute_force():
+    """At temperature tau the loss is -tau logsumexp((log pi_k + log N_k) / tau) (brute force, fixed
+    variances, 100k draws), which tau = 1 leaves exact; the schedule runs tau0 -> 1 geometrically
+    over the first half of training."""
+    torch.manual_seed(0)
+    d, K, D, B = CategoricalDiffusion(T=5, objective="v"), 3, 4, 100_000
+    out, logits = torch.randn(K, D, dtype=torch.float64), torch.randn(K, dtype=torch.float64)
+    x0 = torch.randn(1, D, dtype=torch.float64).clamp(-1, 1).expand(B, D).contiguous()
+    t = torch.randint(0, d.T, (B,))
+    eps, xi = torch.randn_like(x0), torch.randn_like(x0)
+    abar, c0, beta, bt, s2 = posterior_terms(d, t)
+    for tau in (1.0, 30.0, 1e4):
+        ref = mixture_nll(d, x0, t, eps, xi, out.expand(B, K, D), logits.expand(B, K), s2.log()[:, None].expand(B, K), tau)
+        ref = ref - (bt / (2 * s2) + 0.5 * s2.log())          # the same dropped constants as at tau = 1
+        torch.manual_seed(1)
+        ours = d.loss(Mixture(out, logits), x0, tau).item()
+        assert ours == pytest.approx(ref.mean().item(), rel=0.01), tau
+    assert [categorical.temperature(s, 100, 1e6) for s in (0, 25, 50, 99)] == pytest.approx([1e6, 1e3, 1.0, 1.0])
+    assert categorical.temperature(10, 100, 1.0) == 1.0
+
+
+def test_mixture_sampler_picks_components_with_their_probabilities():
+    """Three components whose x0_hat_k are -0.8, 0 and 0.8 at every x_t, pi = (0.6, 0.3, 0.1): with
+    fixed variances the last step lands exactly on the x0_hat_k it picks (c0 = 1, ct = 0, no
+    noise), so the samples' histogram is pi; a learned variance adds noise at that step too."""
+    d = CategoricalDiffusion(T=3, objective="v")
+    x0s = torch.tensor([-0.8, 0.0, 0.8], dtype=torch.float64)
+    pi = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+
+    class ExactX0(torch.nn.Module):
+        def __init__(self, v=None):
+            super().__init__()
+            self.v = v
+
+        def forward(self, x, t, eta=None):
+            a = d.alphas_cumprod[t].view(-1, 1, 1)
+            out = (a.sqrt() * x[:, None] - x0s.view(1, 3, 1)) / (1 - a).sqrt()   # x0_from(out) = x0s
+            return out, pi.log().expand(len(x), -1), None if self.v is None else self.v.expand(len(x), -1)
+
+    n, x_T = 30_000, torch.randn(30_000, 1, dtype=torch.float64)
+    x = d.sample(ExactX0(), x_T.shape, generator=torch.Generator().manual_seed(0), var="small", x_T=x_T)
+    share = torch.stack([(x - c).abs().lt(1e-9).double().mean() for c in x0s])
+    assert share.sum().item() == pytest.approx(1.0, abs=1e-12)   # every sample sits on one x0_hat_k
+    torch.testing.assert_close(share, pi, atol=0.012, rtol=0)   # standard error <= sqrt(0.24 / n) = 0.0028
+    x = d.sample(ExactX0(torch.zeros(3)), x_T.shape, generator=torch.Generator().manual_seed(0), x_T=x_T)
+    beta = 1 - d.abar_host[0]                                  # last step: sigma^2 = beta = beta_tilde clipped
+    spread = (x - x0s[(x - x0s).abs().argmin(1)][:, None]).std().item()
+    assert spread == pytest.approx(math.sqrt(beta), rel=0.03)   # standard error 1 / sqrt(2 n) = 0.4%
