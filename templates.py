@@ -6,17 +6,21 @@ upsampled, each scaled to span [-0.85, 0.85]) plus N(0, 0.05^2) noise per pixel:
 16-component Gaussian mixture in D = 256 (gmm.GaussianMixture), so exact mixture denoising
 and the best Gaussian denoiser eps* = E[eps | x_t] (what a perfectly trained vanilla DDPM
 computes) are known in closed form. On chains of T = 2, 5 and 10 steps, trained directly,
-we train three U-Nets from the same seed on the same batches -- vanilla (Algorithm 1), SMD as
-in the paper (Algorithm 1 with eta) and, beyond the paper, a categorical mixture of K
+we train three U-Nets from the same seed on the same image batches -- vanilla (Algorithm 1),
+SMD as in the paper (Algorithm 1 with eta) and, beyond the paper, a categorical mixture of K
 Gaussians per reverse step trained by its exact likelihood, with its responsibilities annealed
-(mixture.temperature, --anneal) -- and score their samples and
+(categorical.temperature, --anneal) -- and score their samples and
 both references by the nearest template: distance (RMS per pixel over std; 1 for data),
 blended share (distance > 2 std: not any one template), template coverage and TV of the
 template histogram. `gap` is E|eps_mean - eps*|^2 / D on data: how far a model's mean
 prediction is from the best Gaussian denoiser (0 = a perfectly trained vanilla model).
 
-    python templates.py --json assets/templates_results.json --png assets/templates.png   # ~23 min, 1 core
+    python templates.py --json assets/templates/templates_results.json --png assets/templates/templates.png
+                                                   # ~23 min, 1 core
     python templates.py --T 5 --components 4,16 --iters 500 --n 500 --png '' --json ''
+
+Every flag and output path is checked before training. Widths are matched by unet.matched_width
+(the even width whose parameter count is closest to vanilla's).
 """
 
 import argparse
@@ -29,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import cli
 import gmm
-import mixture
 import smd
-from unet import UNet, UNetConfig, n_params
+from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, temperature
+from unet import UNet, UNetConfig, matched_width, n_params
 
 # -----------------------------------------------------------------------------
 # the data; everything exact about it is in gmm.py
@@ -87,52 +92,55 @@ def metrics(x, share=0.25):
 
 
 def config(args, ch, **kw):
-    return UNetConfig(image_size=SIZE, channels=1, ch=ch, ch_mult=tuple(args.ch_mult), num_res_blocks=1, attn_res=(),
-                      dropout=0.0, **kw)
+    fields = dict(image_size=SIZE, channels=1, ch=ch, ch_mult=tuple(args.ch_mult), num_res_blocks=1, attn_res=(),
+                  dropout=0.0, **kw)
+    return CategoricalConfig(**fields) if kw.get("components") else UNetConfig(**fields)
 
 
-def matched_ch(args, target, **kw):
-    """The even width (>= 8) whose U-Net's parameter count is closest to `target`."""
-    return min(range(8, 4 * args.ch, 2), key=lambda ch: abs(n_params(UNet(config(args, ch, **kw))) - target))
+def build(cfg):
+    return CategoricalUNet(cfg) if isinstance(cfg, CategoricalConfig) else UNet(cfg)
 
 
 def model_specs(args):
-    """name -> (UNetConfig, objective): vanilla at --ch, SMD and the mixtures at the width whose
-    parameter count is closest to vanilla's."""
+    """name -> (config, objective): vanilla at --ch, SMD and the categorical models at the even
+    width whose parameter count is closest to vanilla's (unless --no-match-params)."""
     target = n_params(UNet(config(args, args.ch)))
-    width = lambda **kw: args.ch if args.no_match else matched_ch(args, target, **kw)
+    width = lambda **kw: matched_width(target, lambda w: build(config(args, w, **kw)), 2) if args.match_params \
+        else args.ch
     smd_kw = dict(smd=True, latent_dim=args.latent_dim)
     obj = args.objective
     specs = {"vanilla": (config(args, args.ch), obj), "SMD": (config(args, width(**smd_kw), **smd_kw), obj)}
     for K in args.components:
         kw = dict(components=K, learned_var=True)
-        specs[f"mixture K={K}"] = (config(args, width(**kw), **kw), "v")
+        specs[f"categorical K={K}"] = (config(args, width(**kw), **kw), "v")
     return specs
 
 
 def train(model, diffusion, args, seed):
     """Algorithm 1 (smd.train_step: grad clip 1, AdamW) with a linear warm-up and cosine decay;
     the batches come from their own generator, the same for every model. Returns the mean loss
-    of the last 10% of steps. A mixture's responsibilities are annealed (mixture.temperature)."""
+    of the last 10% of steps. A categorical model's responsibilities are annealed (temperature)."""
     opt = smd.make_optimizer(model, args.lr, "cpu")
     batches, losses, warm = torch.Generator().manual_seed(seed), [], max(1, args.iters // 20)
     for it in range(args.iters):
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / args.iters))
-        tau = mixture.temperature(it, args.iters, args.anneal)   # only a mixture's loss reads it
-        losses.append(smd.train_step(model, diffusion, opt, images(DATA.sample(args.batch, batches)), tau=tau).item())
+        loss_args = {"tau": temperature(it, args.iters, args.anneal)} if isinstance(diffusion, CategoricalDiffusion) \
+            else {}
+        x0 = images(DATA.sample(args.batch_size, batches))
+        losses.append(smd.train_step(model, diffusion, opt, x0, **loss_args).item())
     return float(np.mean(losses[-max(1, args.iters // 10):]))
 
 
 @torch.no_grad()
 def mean_eps(model, diffusion, x_t, t):
     """The model's mean prediction of eps: eps_hat (vanilla), eps_hat averaged over 8 etas (SMD),
-    or eps of the mixture's mean x0_hat = sum_k pi_k x0_hat_k (mixture)."""
+    or eps of the categorical mixture's mean x0_hat = sum_k pi_k x0_hat_k."""
     abar = diffusion.alphas_cumprod[t].float().view(-1, 1, 1, 1)
     if getattr(model, "latent_dim", 0):
         return torch.stack([diffusion.predict_eps(model, x_t, t, torch.randn(len(t), model.latent_dim))
                             for _ in range(8)]).mean(0)
-    if not getattr(model, "components", 0):
+    if not isinstance(diffusion, CategoricalDiffusion):
         return diffusion.predict_eps(model, x_t, t)
     out, logits, _ = model(x_t, t)
     x0 = (logits.softmax(1)[..., None, None, None] * diffusion.x0_from(out, x_t[:, None], abar[:, None])).sum(1)
@@ -163,12 +171,14 @@ def run_T(T, args, specs, rows, info, samples):
 
     dif_eps = smd.Diffusion(T)
     score("exact mixture", DATA.sample_exact(dif_eps, args.n, generator=gen(1)))
-    score("best Gaussian", dif_eps.sample(DATA.best_gaussian_model(dif_eps), (args.n, 1, SIZE, SIZE), var=args.var,
-                                          generator=gen(2), dtype=torch.float64))
+    g = gen(2)
+    x_T = torch.randn((args.n, 1, SIZE, SIZE), generator=g, dtype=torch.float64)
+    score("best Gaussian", dif_eps.sample(DATA.best_gaussian_model(dif_eps), x_T.shape, var=args.var, generator=g,
+                                          x_T=x_T))
     for name, (cfg, objective) in specs.items():
-        diffusion = smd.Diffusion(T, objective=objective)
+        diffusion = (CategoricalDiffusion if isinstance(cfg, CategoricalConfig) else smd.Diffusion)(T, objective=objective)
         torch.manual_seed(args.seed)
-        model, t0 = UNet(cfg), time.time()
+        model, t0 = build(cfg), time.time()
         loss = train(model, diffusion, args, args.seed)
         model.eval()
         eta = smd.eta_sensitivity(model, diffusion, images(DATA.sample(250, gen(3))), n_t=min(10, T),
@@ -234,35 +244,47 @@ def figure(rows, samples, path, gap=12, left=120, top=22, foot=14):
     img.save(path, optimize=True)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(v) for v in s.split(",")]
-    p.add_argument("--T", type=ints, default=[2, 5, 10], help="training chain lengths")
-    p.add_argument("--components", type=ints, default=[16], help="K of the mixture model(s)")
-    p.add_argument("--ch", type=int, default=14, help="vanilla's U-Net width; the others are matched to its count")
-    p.add_argument("--ch-mult", type=ints, default=[1, 2, 2], help="width multipliers per resolution (16, 8, 4)")
-    p.add_argument("--no-match", action="store_true", help="every model at --ch")
-    p.add_argument("--latent-dim", type=int, default=16)
-    p.add_argument("--iters", type=int, default=1200)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=4e-3)
-    p.add_argument("--anneal", type=mixture.start_temperature, default=1e6,
-                   help="mixture: responsibilities' temperature from this to 1 over the first half (1: off)")
-    p.add_argument("--objective", default="eps", help="vanilla and SMD: eps (the paper) or v (the mixture's)")
-    p.add_argument("--var", default="small", help="sigma^2 of vanilla and SMD: small (beta~) or large (beta)")
-    p.add_argument("--n", type=int, default=2000, help="samples per cell")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+def get_parser():
+    p = cli.Parser(__doc__, prog="templates.py")
+    p.add_argument("--T", type=cli.positive_ints, default=[2, 5, 10], help="training chain lengths (each >= 2)")
+    p.add_argument("--components", type=cli.positive_ints, default=[16], help="K of the categorical model(s)")
+    p.add_argument("--ch", type=cli.int_at_least(2, "U-Net width"), default=14,
+                   help="vanilla's U-Net width; the others are matched to its count")
+    p.add_argument("--ch-mult", type=cli.positive_ints, default=[1, 2, 2], help="width multipliers per resolution")
+    p.add_argument("--no-match-params", dest="match_params", action="store_false", help="every model at --ch")
+    p.add_argument("--latent-dim", type=cli.positive_int, default=16)
+    p.add_argument("--iters", type=cli.positive_int, default=1200)
+    p.add_argument("--batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--lr", type=cli.positive_float, default=4e-3)
+    p.add_argument("--anneal", type=cli.temperature, default=1e6,
+                   help="categorical: responsibilities' temperature from this to 1 over the first half (1: off)")
+    p.add_argument("--objective", default="eps", choices=["eps", "v"], help="vanilla and SMD: eps (the paper) or v")
+    p.add_argument("--var", default="small", choices=["small", "large"],
+                   help="sigma^2 of vanilla and SMD: small (beta~) or large (beta)")
+    p.add_argument("--n", type=cli.int_at_least(16, "samples per cell; the figure shows 16"), default=2000)
+    p.add_argument("--seed", type=cli.nonneg_int, default=0)
+    p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores)")
     p.add_argument("--json", default="", help="write results here")
     p.add_argument("--png", default="templates.png", help="write the figure here; '' for none")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if min(args.T) < 2:
+        cli.fail("templates.py", f"--T {min(args.T)}: a chain needs at least 2 steps")
+    if SIZE % 2 ** (len(args.ch_mult) - 1):
+        cli.fail("templates.py", f"--ch-mult {args.ch_mult}: {SIZE}x{SIZE} images allow at most 5 levels")
+    cli.writable_file("templates.py", args.json, "--json")
+    cli.writable_file("templates.py", args.png, "--png")
+    cli.set_threads(args.threads)
     t0 = time.time()
     specs = model_specs(args)
-    print(", ".join(f"{k}: {n_params(UNet(c)):,} params (ch {c.ch})" for k, (c, _) in specs.items()))
+    print(", ".join(f"{k}: {n_params(build(c)):,} params (ch {c.ch})" for k, (c, _) in specs.items()))
     x = DATA.sample(args.n, torch.Generator().manual_seed(args.seed))
     rows, info = [dict(model="data", T=0, **metrics(x))], {}
-    samples = {("data", 0): images(TEMPLATES + STD * torch.randn(TEMPLATES.shape, generator=torch.Generator().manual_seed(args.seed)))}
+    noise = STD * torch.randn(TEMPLATES.shape, generator=torch.Generator().manual_seed(args.seed))
+    samples = {("data", 0): images(TEMPLATES + noise)}
     for T in args.T:
         run_T(T, args, specs, rows, info, samples)
     print(table(rows))

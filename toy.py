@@ -6,15 +6,15 @@ On a Gaussian mixture everything is known in closed form: the density q(x_t), th
 Gaussian denoiser eps* = E[eps | x_t] (what a perfectly trained vanilla DDPM computes, the
 bottleneck of Theorem 3.1) and the true posterior q(x_{t-1} | x_t), again a Gaussian mixture
 (Proposition 3.1, Eq. 29), which sampled step by step is what Theorem 4.1 says SMD can reach.
-We train a vanilla and an SMD MLP denoiser (Algorithm 1 of smd.py; or, beyond the paper, a
-categorical mixture of mixture.py), sample them (Algorithm 2) at several step counts, and
-score them and both references against the true mixture.
+We train a vanilla and an SMD MLP denoiser (Algorithm 1 of smd.py; or, beyond the paper, the
+categorical mixture of categorical.py), sample them (Algorithm 2) at several step counts, and
+score them and both references against the true mixture. Every flag is checked before training.
 
     python toy.py                          # T=1000, respaced to 1000/100/20/10/5 steps (4-7 min, 1 core)
     python toy.py --smd-objective iwae     # beyond the paper: the importance-weighted bound
     python toy.py --T 10 --steps 10,5 --smd-objective jensen,iwae   # train a 10-step chain directly
-    python toy.py --T 5 --steps 5 --smd-objective mixture-var --width 160 --batch 512 --iters 24000
-                                           # beyond the paper: K=49 mixture (mixture.py), ~8.5 min, 1 core
+    python toy.py --T 5 --steps 5 --smd-objective categorical-var --width 160 --batch-size 512 --iters 24000
+                                           # beyond the paper: K=49 categorical mixture, ~8.5 min, 1 core
     python toy.py --seeds 3 --json out.json --png out.png
 """
 
@@ -29,9 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import cli
 import gmm
-import mixture
 import smd
+from categorical import CategoricalDiffusion, temperature
+from unet import matched_width, n_params
 
 # -----------------------------------------------------------------------------
 # the data; everything exact about it is in gmm.py
@@ -76,66 +78,69 @@ def metrics(x, share=0.25):
 class Denoiser(nn.Module):
     """eps_theta(x_t, t): h = W x + time; `depth` residual blocks h <- h + W silu(modulate(norm(h)));
     out = W silu(norm(h)). With latent_dim > 0 the blocks' (scale, shift) = f_phi(g_xi(eta, h_0, t), t)
-    (Eq. 11, Alg. 1 lines 6-7) from smd.SoftMixture; with eta = None the model is vanilla. With
-    components = K > 0 (beyond the paper) it returns K outputs, K mixture logits and, if
-    learned_var, K variance interpolations, from the same last features (mixture.py)."""
+    (Eq. 11, Alg. 1 lines 6-7) from smd.SoftMixture; with latent_dim = 0 the model is vanilla."""
 
-    def __init__(self, width=128, depth=3, latent_dim=0, T=1000, temb_dim=64, mix_hidden=64, n_freq=6,
-                 components=0, learned_var=False):
+    def __init__(self, width=128, depth=3, latent_dim=0, T=1000, temb_dim=64, mix_hidden=64, n_freq=6):
         super().__init__()
         self.latent_dim, self.t_scale, self.temb_dim = latent_dim, 1000 / T, temb_dim
-        self.components, self.learned_var = components, learned_var
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq), persistent=False)
         self.time = smd.mlp(temb_dim, temb_dim, temb_dim, depth=1)
         self.inp, self.tproj = nn.Linear(2 + 4 * n_freq, width), nn.Linear(temb_dim, width)
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
         self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 2 * max(components, 1)))
-        self.mix = smd.SoftMixture(latent_dim, width, temb_dim, [width] * depth, mix_hidden) if latent_dim else None
-        self.head = nn.Linear(width, components * (2 if learned_var else 1)) if components else None
-        if self.head is not None:   # uniform pi and mid-range variances at the start
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.out = self.output_layer(width)
+        self.soft_mixture = smd.SoftMixture(latent_dim, width, temb_dim, [width] * depth, mix_hidden) \
+            if latent_dim else None
+
+    def output_layer(self, width):
+        return nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 2))
 
     def forward(self, x, t, eta=None):
+        return self.out(self.trunk(x, t, eta)[0])
+
+    def trunk(self, x, t, eta=None):
+        """(last features, time embedding)."""
         tu, inv = torch.unique(t, return_inverse=True)      # sampling has one t per batch: embed it once
         e = self.time(smd.timestep_embedding(tu * self.t_scale, self.temb_dim))
         te, e = self.tproj(e)[inv], e[inv]
         f = (x[:, :, None] * self.freqs).flatten(1)            # Fourier features pi 2^k x: the grid is sharp
         h = self.inp(torch.cat([x, f.sin(), f.cos()], 1)) + te
-        mods = self.mix(eta, h, e) if self.mix is not None else [None] * len(self.blocks)
+        mods = self.soft_mixture(eta, h, e) if self.soft_mixture is not None else [None] * len(self.blocks)
         for norm, lin, mod in zip(self.norms, self.blocks, mods):
             h = h + lin(F.silu(smd.modulate(norm(h), mod)))
-        if self.head is None:
-            return self.out(h)
-        h, K = self.out[:-1](h), self.components
+        return h, e
+
+
+class CategoricalDenoiser(Denoiser):
+    """Beyond the paper (categorical.py): K 2-d outputs, K logits and, if learned_var, K variance
+    logits, all from the same last features; pi starts uniform."""
+
+    def __init__(self, width=128, depth=3, T=1000, components=49, learned_var=False, **kw):
+        self.components, self.learned_var = components, learned_var
+        super().__init__(width, depth, 0, T, **kw)
+        self.head = nn.Linear(width, components * (2 if learned_var else 1))
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def output_layer(self, width):
+        return nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 2 * self.components))
+
+    def forward(self, x, t, eta=None):
+        h, K = self.out[:-1](self.trunk(x, t)[0]), self.components
         head = self.head(h)
         return self.out[-1](h).view(-1, K, 2), head[:, :K], head[:, K:] if self.learned_var else None
 
 
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-def matched_width(target, make):
-    """The smallest width w (a multiple of 8) whose model make(w) has at least `target`
-    parameters (fair capacity)."""
-    w = 8
-    while n_params(make(w)) < target:
-        w += 8
-    return w
-
-
-def eta_fixed(model, value=0.0):
-    """The SMD model with eta held at `value`: if it samples as well, the latent is unused."""
-    return lambda x, t, eta=None: model(x, t, torch.full((x.shape[0], model.latent_dim), value, dtype=x.dtype))
+def eta_zero(model, n):
+    """The SMD model with eta held at 0 for n samples: if it samples as well, the latent is unused."""
+    return smd.HeldEta(model, torch.zeros(n, model.latent_dim))
 
 # -----------------------------------------------------------------------------
 # training: Algorithm 1 (Jensen) or the importance-weighted bound (beyond the paper)
 
 
-def iwae_loss(model, diffusion, x0, K):
-    """-(1/Gamma_t) log (1/K) sum_k p(x_{t-1} | x_t, z_k), x_{t-1} ~ q(x_{t-1} | x_t, x_0), K etas.
+def iwae_loss(model, diffusion, x0, eta_samples):
+    """-(1/Gamma_t) log (1/K) sum_k p(x_{t-1} | x_t, z_k), x_{t-1} ~ q(x_{t-1} | x_t, x_0), K = eta_samples.
     With p(x_{t-1} | x_t, z) = N(mu_z, sigma_t^2 I), mu_z from eps_hat_k by Eq. (12)/Alg. 2 line 7 and
     x_{t-1} = mu_tilde + sqrt(beta_tilde) xi (mu_tilde: the same formula with the true eps):
       x_{t-1} - mu_z = c D_k + sqrt(beta_tilde) xi,  D_k = eps_hat_k - eps,  c = beta / sqrt(alpha (1 - abar)),
@@ -145,15 +150,14 @@ def iwae_loss(model, diffusion, x0, K):
     independent of everything else) and removes the xi noise when the K predictions agree. Then
     dividing by Gamma_t gives exactly the paper's loss ||eps - eps_hat||^2 when z is ignored, and a
     soft minimum over k (winner-takes-all as Gamma_t -> inf) when the predictions differ."""
-    B, D = x0.shape
+    B, D, K = *x0.shape, eta_samples
     t = torch.randint(0, diffusion.T, (B,))
     eps = torch.randn_like(x0)
     x_t = diffusion.q_sample(x0, t, eps)
     eta = torch.randn(B * K, model.latent_dim)
     eps_hat = model(x_t.repeat_interleave(K, 0), t.repeat_interleave(K, 0), eta).view(B, K, D)
     abar, beta = diffusion.alphas_cumprod, diffusion.betas
-    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-    beta_tilde = beta * (1 - abar_prev) / (1 - abar)
+    beta_tilde = smd.posterior(abar, torch.cat([abar.new_ones(1), abar[:-1]]))[2]
     sigma2 = torch.cat([beta_tilde[1:2], beta_tilde[1:]])
     c2 = beta**2 / ((1 - beta) * (1 - abar))
     gamma, rho = (c2 / (2 * sigma2))[t], (c2.sqrt() * beta_tilde.sqrt() / sigma2)[t]      # float64
@@ -171,12 +175,13 @@ def train(model, diffusion, args, objective):
     for it in range(args.iters):
         for g in opt.param_groups:
             g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * it / args.iters))
-        x0 = DATA.sample(args.batch).float()
+        x0 = DATA.sample(args.batch_size).float()
         if objective == "iwae":
-            loss = iwae_loss(model, diffusion, x0[:max(1, args.batch // args.K)], args.K)   # same rows per step
-        else:   # Algorithm 1 (vanilla: eta is None; SMD: one eta per example, the paper's Jensen bound),
-            tau = mixture.temperature(it, args.iters, args.anneal)   # 1 unless a mixture anneals
-            loss = diffusion.loss(model, x0, tau=tau)   # or a mixture's exact likelihood (mixture.loss)
+            loss = iwae_loss(model, diffusion, x0[:max(1, args.batch_size // args.eta_samples)], args.eta_samples)
+        elif objective.startswith("categorical"):   # the exact mixture likelihood, annealed if asked
+            loss = diffusion.loss(model, x0, tau=temperature(it, args.iters, args.anneal))
+        else:   # Algorithm 1 (vanilla: eta is None; SMD: one eta per example, the paper's Jensen bound)
+            loss = diffusion.loss(model, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -190,19 +195,18 @@ def train(model, diffusion, args, objective):
 def build_models(args):
     """{name: (objective, make_model, diffusion)} for vanilla and the objectives asked for. With
     --match-params (the default) every model's width is raised to the parameter count of the
-    largest one at --width (so SMD, the largest in the paper's runs, keeps --width)."""
-    eps, v = smd.Diffusion(args.T), smd.Diffusion(args.T, objective="v")   # mixtures read their x0_hat_k via v
+    largest one at --width (unet.matched_width: the width with the closest count)."""
+    eps = smd.Diffusion(args.T)
     makers = {"vanilla": ("jensen", lambda w: Denoiser(w, args.depth, 0, args.T), eps)}
     for o in args.smd_objective:
         if o in ("jensen", "iwae"):
             makers[f"SMD-{o}"] = (o, lambda w: Denoiser(w, args.depth, args.latent_dim, args.T,
                                                         mix_hidden=args.mix_hidden), eps)
-        elif o in ("mixture", "mixture-var"):
-            makers[f"mixture K={args.components}" + (", learned var" if o == "mixture-var" else "")] = \
-                (o, lambda w, lv=o == "mixture-var": Denoiser(w, args.depth, 0, args.T, components=args.components,
-                                                              learned_var=lv), v)
-        else:
-            raise SystemExit(f"toy.py: unknown objective {o!r}: use jensen, iwae, mixture or mixture-var")
+        else:   # categorical mixtures read their x0_hat_k through the v objective
+            lv = o == "categorical-var"
+            makers[f"categorical K={args.components}" + (", learned var" if lv else "")] = \
+                (o, lambda w, lv=lv: CategoricalDenoiser(w, args.depth, args.T, args.components, lv),
+                 CategoricalDiffusion(args.T, objective="v"))
     target = max(n_params(make(args.width)) for _, make, _ in makers.values())
     out = {}
     for name, (o, make, diffusion) in makers.items():
@@ -214,7 +218,7 @@ def build_models(args):
 def run(args, seed):
     """Train every model from the same seed (same init stream, same batches: common random
     numbers), then sample and score them and both references at every step count."""
-    steps_list = [s for s in args.steps if s <= args.T]
+    steps_list = args.steps
     models, info = {}, {}
     for name, (objective, make, diffusion) in build_models(args).items():
         torch.manual_seed(seed)
@@ -229,7 +233,7 @@ def run(args, seed):
               f"eta-sensitivity {info[name]['eta_sensitivity']:.4f}, {info[name]['train_s']:.0f}s")
         models[name] = (model, diffusion)
         if model.latent_dim:
-            models[name + " eta=0"] = (eta_fixed(model), diffusion)
+            models[name + " eta=0"] = (eta_zero(model, args.n), diffusion)
     rows, gen = [], lambda s: torch.Generator().manual_seed(seed * 100003 + s)
 
     def score(name, var, s, x, **extra):
@@ -243,11 +247,13 @@ def run(args, seed):
                [(k, m, d, torch.float32) for k, (m, d) in models.items()]
     with torch.no_grad():
         for name, model, diffusion, dtype in samplers:
-            # eta=0: the first var only; mixtures: beta_tilde, as trained (or their own variances)
-            for var in ["small"] if name.startswith("mixture") else args.var[:1] if name.endswith("eta=0") else args.var:
+            # eta=0: the first var only; categorical: beta_tilde, as trained (or their own variances)
+            for var in ["small"] if name.startswith("categorical") else args.var[:1] if name.endswith("eta=0") else args.var:
                 for s in steps_list:
                     t0 = time.time()     # Diffusion.sample clamps to [-1, 1]; the data lie in |x| < 0.9
-                    x = diffusion.sample(model, (args.n, 2), steps=s, var=var, generator=gen(s), dtype=dtype)
+                    g = gen(s)
+                    x_T = torch.randn((args.n, 2), generator=g, dtype=dtype)
+                    x = diffusion.sample(model, x_T.shape, steps=s, var=var, generator=g, x_T=x_T)
                     print(f"  sampled {name}, sigma^2 {var}, {s} steps: {time.time() - t0:.0f}s", flush=True)
                     extra = {"eta_sens": info[name]["eta_sensitivity"]} if name.startswith("SMD") and name in info else {}
                     score(name, var, s, x, **extra)
@@ -317,35 +323,47 @@ def figure(rows, path, px=96, pad=4, left=150, top=20):
     img.save(path, optimize=True)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--T", type=int, default=1000, help="training chain length")
-    p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[1000, 100, 20, 10, 5])
-    p.add_argument("--var", type=lambda s: s.split(","), default=["large", "small"])
-    p.add_argument("--smd-objective", type=lambda s: s.split(","), default=["jensen"],
-                   help="comma-separated: jensen (the paper's SMD), iwae (SMD, importance-weighted bound), "
-                        "mixture (K components, beta_tilde variances), mixture-var (learned variances)")
-    p.add_argument("--K", type=int, default=8, help="etas per example for --smd-objective iwae")
-    p.add_argument("--components", type=int, default=49, help="mixture: number of components K")
-    p.add_argument("--width", type=int, default=96)
-    p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--latent-dim", type=int, default=4)
-    p.add_argument("--mix-hidden", type=int, default=32)
+def get_parser():
+    p = cli.Parser(__doc__, prog="toy.py")
+    p.add_argument("--T", type=cli.int_at_least(2, "a chain needs 2 steps"), default=1000, help="training chain length")
+    p.add_argument("--steps", type=cli.positive_ints, default=[1000, 100, 20, 10, 5], help="sampling step counts")
+    p.add_argument("--var", type=cli.choices_list(["large", "small"]), default=["large", "small"])
+    p.add_argument("--smd-objective", type=cli.choices_list(["jensen", "iwae", "categorical", "categorical-var"]),
+                   default=["jensen"], help="comma-separated: jensen (the paper's SMD), iwae (SMD, importance-weighted "
+                   "bound), categorical (K components, beta_tilde variances), categorical-var (learned variances)")
+    p.add_argument("--eta-samples", type=cli.positive_int, default=8, help="etas per example for iwae")
+    p.add_argument("--components", type=cli.positive_int, default=49, help="categorical: number of components K")
+    p.add_argument("--width", type=cli.positive_int, default=96)
+    p.add_argument("--depth", type=cli.positive_int, default=3)
+    p.add_argument("--latent-dim", type=cli.positive_int, default=4)
+    p.add_argument("--mix-hidden", type=cli.positive_int, default=32, help="SMD: g_xi and f_phi's hidden width")
     p.add_argument("--no-match-params", dest="match_params", action="store_false",
                    help="by default every model's width is raised to the largest model's parameter count")
-    p.add_argument("--iters", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=512, help="rows per step (iwae: batch/K examples x K etas)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--anneal", type=mixture.start_temperature, default=1.0, help="mixture: responsibilities' temperature from this "
-                   "to 1 over the first half of training (mixture.temperature; 1: off)")
-    p.add_argument("--n", type=int, default=10000, help="samples per evaluation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--iters", type=cli.positive_int, default=4000)
+    p.add_argument("--batch-size", type=cli.positive_int, default=512,
+                   help="rows per step (iwae: batch-size/eta-samples examples x eta-samples etas)")
+    p.add_argument("--lr", type=cli.positive_float, default=2e-3)
+    p.add_argument("--anneal", type=cli.temperature, default=1.0, help="categorical: responsibilities' temperature "
+                   "from this to 1 over the first half of training (categorical.temperature; 1: off)")
+    p.add_argument("--n", type=cli.int_at_least(2, "samples per evaluation"), default=10000)
+    p.add_argument("--seed", type=cli.nonneg_int, default=0)
+    p.add_argument("--seeds", type=cli.positive_int, default=1)
+    p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores)")
     p.add_argument("--json", default="", help="write results here")
     p.add_argument("--png", default="toy.png", help="write the figure here (first seed); '' for none")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    too_long = [s for s in args.steps if s > args.T]
+    if too_long:
+        cli.fail("toy.py", f"--steps {','.join(map(str, too_long))}: a chain of --T {args.T} has at most {args.T} steps")
+    if "iwae" in args.smd_objective and args.batch_size < args.eta_samples:
+        cli.fail("toy.py", f"--batch-size {args.batch_size}: iwae needs at least --eta-samples {args.eta_samples} rows")
+    cli.writable_file("toy.py", args.json, "--json")
+    cli.writable_file("toy.py", args.png, "--png")
+    cli.set_threads(args.threads)
     t0 = time.time()
     per_seed, infos, first = [], [], None
     for seed in range(args.seed, args.seed + args.seeds):

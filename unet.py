@@ -189,12 +189,12 @@ def n_params(model):
 
 
 def matched_width(target, make, step=8):
-    """The smallest width w (a multiple of `step`) whose model make(w) has at least `target`
-    parameters: a vanilla control as large as an SMD (or categorical) model."""
+    """The width w (a multiple of `step`) whose model make(w) has the parameter count closest to
+    `target`: the same-size control for an SMD (or categorical) model."""
     w = step
-    while n_params(make(w)) < target:
+    while n_params(make(w + step)) <= target:
         w += step
-    return w
+    return min((w, w + step), key=lambda v: abs(n_params(make(v)) - target))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import smd
 import templates as tp
 from unet import UNet, n_params
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_templates_are_separated_images_in_range():
@@ -47,33 +47,45 @@ def test_exact_is_like_data_and_best_gaussian_blends_at_T2():
     exact = tp.metrics(tp.DATA.sample_exact(d, 2000, generator=g))
     assert exact["dist"] == pytest.approx(1.0, abs=0.02) and exact["blended"] < 0.01
     assert exact["coverage"] == 16 and exact["tv"] < 0.07
-    x = d.sample(tp.DATA.best_gaussian_model(d), (2000, 1, 16, 16), var="small", generator=g, dtype=torch.float64)
+    x_T = torch.randn(2000, 1, 16, 16, generator=g, dtype=torch.float64)
+    x = d.sample(tp.DATA.best_gaussian_model(d), x_T.shape, var="small", generator=g, x_T=x_T)
     gauss = tp.metrics(x)
     assert gauss["blended"] > 0.9 and gauss["coverage"] < 4                # Theorem 3.1's bottleneck
 
 
 def test_models_are_matched_and_the_gap_of_the_best_gaussian_is_zero():
-    args = type("A", (), dict(ch=14, ch_mult=(1, 2, 2), no_match=False, objective="eps", latent_dim=16, components=[16]))
+    args = tp.get_parser().parse_args([])
     specs = tp.model_specs(args)
     target = n_params(UNet(specs["vanilla"][0]))
-    assert [c.ch for c, _ in specs.values()] == [14, 12, 14]         # the closest even widths
+    assert [c.ch for c, _ in specs.values()] == [14, 12, 14]   # the even widths with the closest counts
     for name, (cfg, _) in specs.items():
-        assert abs(n_params(UNet(cfg)) / target - 1) < 0.13, name
+        assert abs(n_params(tp.build(cfg)) / target - 1) < 0.13, name
     d = smd.Diffusion(5)
     best = tp.DATA.best_gaussian_model(d)
     assert tp.gap_to_best_gaussian(lambda x, t, eta=None: best(x.double(), t).float(), d, 64,
                                    torch.Generator().manual_seed(3))[0] < 1e-8
 
 
-def test_tiny_end_to_end(tmp_path, monkeypatch, capsys):
+def test_tiny_end_to_end(tmp_path, capsys):
     out, png = tmp_path / "t.json", tmp_path / "t.png"
-    monkeypatch.setattr(sys, "argv", ["templates.py", "--T", "2", "--iters", "3", "--batch", "8", "--n", "64",
-                                      "--ch", "8", "--latent-dim", "4", "--components", "2,4",
-                                      "--json", str(out), "--png", str(png)])
-    tp.main()
+    tp.main(["--T", "2", "--iters", "3", "--batch-size", "8", "--n", "64", "--ch", "8", "--latent-dim", "4",
+             "--components", "2,4", "--json", str(out), "--png", str(png)])
     res = json.loads(out.read_text())
     names = {(r["model"], r["T"]) for r in res["rows"]}
     assert names == {("data", 0), *((n, 2) for n in ("exact mixture", "best Gaussian", "vanilla", "SMD",
-                                                      "mixture K=2", "mixture K=4"))}
+                                                      "categorical K=2", "categorical K=4"))}
     assert res["models"]["SMD T=2"]["eta_sens"] is not None and png.stat().st_size > 1000
-    assert "mixture K=4" in capsys.readouterr().out
+    assert "categorical K=4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--T", "1"], "--T 1: a chain needs at least 2 steps"), (["--batch-size", "0"], "--batch-size: 0"),
+    (["--n", "3"], "--n: 3 is out of range"), (["--var", "tiny"], "--var: invalid choice"),
+    (["--json", "/nonexistent/r.json"], "--json /nonexistent/r.json: the folder"),
+])
+def test_bad_flags_refused_before_training(argv, says, capsys, monkeypatch):
+    monkeypatch.setattr(tp, "run_T", lambda *a: pytest.fail("trained before checking its flags"))
+    with pytest.raises(SystemExit) as e:
+        tp.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("templates.py: ") and err.count("\n") == 1 and says in err, err

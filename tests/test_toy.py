@@ -1,6 +1,6 @@
 """toy.py: the exact references against the data, the metrics, the importance-weighted and
-mixture objectives, and a tiny end-to-end run (CPU, well under a minute). The closed forms
-themselves are tested in test_gmm.py."""
+categorical objectives, refusals before training, and a tiny end-to-end run (CPU, well under a
+minute). The closed forms themselves are tested in test_gmm.py."""
 
 import json
 import math
@@ -11,8 +11,9 @@ import torch
 
 import smd
 import toy
+from unet import matched_width, n_params
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 ENTROPY = math.log(49) + 1 + math.log(2 * math.pi * toy.STD**2)   # H[q(x_0)] for separated modes
 
 
@@ -21,13 +22,13 @@ def test_references_match_the_data_at_1000_steps_and_only_exact_survives_5():
     g = torch.Generator().manual_seed(0)
     exact = toy.metrics(toy.DATA.sample_exact(d, 4000, 1000, g))
     gauss = toy.metrics(d.sample(toy.DATA.best_gaussian_model(d), (4000, 2), steps=1000, var="large",
-                                 generator=g, dtype=torch.float64))
+                                 generator=g, x_T=torch.randn(4000, 2, dtype=torch.float64, generator=g)))
     for m in (exact, gauss):
         assert m["precision"] > 0.97 and m["coverage"] == 49 and m["tv"] < 0.08
         assert m["nll"] == pytest.approx(ENTROPY, abs=0.06) and m["spread"] == pytest.approx(1, abs=0.05)
     exact5 = toy.metrics(toy.DATA.sample_exact(d, 4000, 5, g))
     gauss5 = toy.metrics(d.sample(toy.DATA.best_gaussian_model(d), (4000, 2), steps=5, var="large",
-                                  generator=g, dtype=torch.float64))
+                                  generator=g, x_T=torch.randn(4000, 2, dtype=torch.float64, generator=g)))
     assert exact5["precision"] > 0.97 and exact5["coverage"] == 49
     assert gauss5["precision"] < 0.5 and gauss5["nll"] > ENTROPY + 5      # Theorem 3.1's bottleneck
 
@@ -56,7 +57,7 @@ def test_iwae_loss_is_the_paper_loss_when_the_latent_is_unused_and_tighter_other
     torch.manual_seed(0)
     jensen = d.loss(model, x0)
     torch.manual_seed(0)                                 # same t and eps: same x_t
-    iwae = toy.iwae_loss(model, d, x0, K=4)
+    iwae = toy.iwae_loss(model, d, x0, eta_samples=4)
     assert iwae.item() == pytest.approx(jensen.item(), rel=1e-4)
 
     class Spread(torch.nn.Module):                       # predictions that differ across eta
@@ -65,33 +66,47 @@ def test_iwae_loss_is_the_paper_loss_when_the_latent_is_unused_and_tighter_other
         def forward(self, x, t, eta):
             return x + eta
     torch.manual_seed(0)
-    iwae = toy.iwae_loss(Spread(), d, x0, K=4)
+    iwae = toy.iwae_loss(Spread(), d, x0, eta_samples=4)
     torch.manual_seed(0)
     jensen = d.loss(Spread(), x0, eta_samples=4)         # the same eta draws: the K=4 Jensen bound
     assert iwae.item() < jensen.item()
 
 
-def test_param_matching_and_eta_fixed():
+def test_param_matching_and_eta_zero():
     m = toy.Denoiser(64, 3, latent_dim=8)
-    w = toy.matched_width(toy.n_params(m), lambda w: toy.Denoiser(w, 3))
-    assert 0 <= toy.n_params(toy.Denoiser(w, 3)) - toy.n_params(m) < 0.1 * toy.n_params(m)
+    w = matched_width(n_params(m), lambda w: toy.Denoiser(w, 3))
+    assert abs(n_params(toy.Denoiser(w, 3)) - n_params(m)) < 0.1 * n_params(m)
     x, t = torch.randn(5, 2), torch.randint(0, 1000, (5,))
-    torch.testing.assert_close(toy.eta_fixed(m)(x, t), m(x, t, torch.zeros(5, 8)))
+    torch.testing.assert_close(toy.eta_zero(m, 5)(x, t), m(x, t, torch.zeros(5, 8)))
 
 
-def test_tiny_end_to_end(tmp_path, monkeypatch, capsys):
+def test_tiny_end_to_end(tmp_path, capsys):
     out, png = tmp_path / "toy.json", tmp_path / "toy.png"
-    monkeypatch.setattr(sys, "argv", ["toy.py", "--T", "10", "--steps", "10,5", "--iters", "20", "--n", "500",
-                                      "--width", "32", "--smd-objective", "jensen,iwae,mixture,mixture-var", "--K", "2",
-                                      "--components", "4", "--json", str(out), "--png", str(png)])
-    toy.main()
+    toy.main(["--T", "10", "--steps", "10,5", "--iters", "20", "--n", "500", "--width", "32",
+              "--smd-objective", "jensen,iwae,categorical,categorical-var", "--eta-samples", "2",
+              "--components", "4", "--json", str(out), "--png", str(png)])
     res = json.loads(out.read_text())
     names = {(r["model"], r["var"], r["steps"]) for r in res["rows"]}
     for name in ("exact mixture", "best Gaussian", "vanilla", "SMD-jensen", "SMD-iwae", "SMD-iwae eta=0",
-                 "mixture K=4", "mixture K=4, learned var"):
+                 "categorical K=4", "categorical K=4, learned var"):
         assert any(n[0] == name and n[2] == 5 for n in names), name
     params = {k: v["params"] for k, v in res["models"][0].items()}
-    for name in ("SMD-jensen", "mixture K=4", "mixture K=4, learned var"):   # matched within 10%
+    for name in ("SMD-jensen", "categorical K=4", "categorical K=4, learned var"):   # matched within 10%
         assert abs(params[name] / params["vanilla"] - 1) < 0.1, params
     assert png.stat().st_size > 1000
     assert "SMD-iwae" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--T", "10", "--steps", "20"], "--steps 20: a chain of --T 10 has at most 10 steps"),
+    (["--var", "medium"], "--var: 'medium'"), (["--batch-size", "0"], "--batch-size: 0"), (["--n", "0"], "--n: 0"),
+    (["--smd-objective", "mixture"], "--smd-objective: 'mixture'"), (["--anneal", "0.5"], "--anneal: 0.5"),
+    (["--json", "/nonexistent/dir/r.json"], "--json /nonexistent/dir/r.json: the folder"),
+    (["--png", "/nonexistent/t.png"], "--png /nonexistent/t.png: the folder"),
+])
+def test_bad_flags_refused_before_training(argv, says, capsys, monkeypatch):
+    monkeypatch.setattr(toy, "run", lambda *a: pytest.fail("trained before checking its flags"))
+    with pytest.raises(SystemExit) as e:
+        toy.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("toy.py: ") and err.count("\n") == 1 and says in err, err
