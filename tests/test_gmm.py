@@ -26,10 +26,15 @@ def forward_samples(q, n, abar, seed=0):
 
 
 def weighted_moments(x, logw):
+    """Self-normalised importance-weighted mean and variance of x, and their standard errors
+    from the effective sample size 1 / sum w^2 and the samples' own fourth moment."""
     w = (logw - logw.max()).exp()
     w = w / w.sum()
+    ess = 1 / w.pow(2).sum()
     mean = (w[:, None] * x).sum(0)
-    return mean, (w[:, None] * (x - mean) ** 2).sum(0)
+    var = (w[:, None] * (x - mean) ** 2).sum(0)
+    m4 = (w[:, None] * (x - mean) ** 4).sum(0)
+    return mean, var, (var / ess).sqrt(), ((m4 - var**2) / ess).sqrt()
 
 
 @pytest.mark.parametrize("q", [grid(), random_6d()], ids=["grid-2d", "random-6d"])
@@ -43,17 +48,16 @@ def test_posterior_matches_monte_carlo(q, abar, abar_prev):
     x_t = forward_samples(q, 1, abar, seed=99)[1]                   # a plausible x_t
     _, x_prev = forward_samples(q, 400_000, abar_prev)
     logk = -((x_t - math.sqrt(alpha) * x_prev) ** 2).sum(1) / (2 * (1 - alpha))
-    mc_mean, mc_var = weighted_moments(x_prev, logk)
+    mc_mean, mc_var, se_mean, se_var = weighted_moments(x_prev, logk)
     w, a, b, var = q.posterior(x_t, abar, abar_prev)
     mu = a * x_t + b * q.means                                      # (K, D) component means
     mean = (w[0, :, None] * mu).sum(0)
     cf_var = (w[0, :, None] * (mu - mean) ** 2).sum(0) + var
     assert w.sum().item() == pytest.approx(1.0)
-    scale = cf_var.sqrt().max().item()
-    assert (mc_mean - mean).abs().max().item() < 0.03 * scale + 2e-3
-    torch.testing.assert_close(mc_var, cf_var, rtol=0.06, atol=1e-5)
-    q_mc = (logk.exp() / (2 * math.pi * (1 - alpha)) ** (D / 2)).mean().item()   # E_{x_prev}[q(x_t | x_prev)]
-    assert q.log_prob(x_t, abar).exp().item() == pytest.approx(q_mc, rel=0.03)
+    assert ((mc_mean - mean).abs() < 6 * se_mean).all()            # 6 standard errors (ESS-based)
+    assert ((mc_var - cf_var).abs() < 6 * se_var).all()
+    k = logk.exp() / (2 * math.pi * (1 - alpha)) ** (D / 2)         # q(x_t | x_prev): its mean is q(x_t)
+    assert q.log_prob(x_t, abar).exp().item() == pytest.approx(k.mean().item(), abs=6 * k.std().item() / len(k) ** 0.5)
 
 
 @pytest.mark.parametrize("q", [grid(), random_6d()], ids=["grid-2d", "random-6d"])
@@ -63,5 +67,5 @@ def test_best_eps_is_the_posterior_mean_of_eps(q):
     for seed in (7, 8):
         x_t = forward_samples(q, 1, abar, seed=seed)[1]
         logk = -((x_t - math.sqrt(abar) * x0) ** 2).sum(1) / (2 * (1 - abar))    # q(x_t | x_0)
-        mc, _ = weighted_moments((x_t - math.sqrt(abar) * x0) / math.sqrt(1 - abar), logk)
-        torch.testing.assert_close(q.best_eps(x_t, abar)[0], mc, atol=0.02, rtol=0.02)
+        mc, _, se, _ = weighted_moments((x_t - math.sqrt(abar) * x0) / math.sqrt(1 - abar), logk)
+        assert ((q.best_eps(x_t, abar)[0] - mc).abs() < 6 * se).all()   # 6 standard errors (ESS-based)

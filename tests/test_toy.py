@@ -23,9 +23,9 @@ def test_references_match_the_data_at_1000_steps_and_only_exact_survives_5():
     exact = toy.metrics(toy.DATA.sample_exact(d, 4000, 1000, g))
     gauss = toy.metrics(d.sample(toy.DATA.best_gaussian_model(d), (4000, 2), steps=1000, var="large",
                                  generator=g, x_T=torch.randn(4000, 2, dtype=torch.float64, generator=g)))
-    for m in (exact, gauss):
+    for m in (exact, gauss):   # 4000 samples: NLL's standard error ~1 / sqrt(4000) = 0.016, precision's 0.002
         assert m["precision"] > 0.97 and m["coverage"] == 49 and m["tv"] < 0.08
-        assert m["nll"] == pytest.approx(ENTROPY, abs=0.06) and m["spread"] == pytest.approx(1, abs=0.05)
+        assert m["nll"] == pytest.approx(ENTROPY, abs=0.07) and m["spread"] == pytest.approx(1, abs=0.05)
     exact5 = toy.metrics(toy.DATA.sample_exact(d, 4000, 5, g))
     gauss5 = toy.metrics(d.sample(toy.DATA.best_gaussian_model(d), (4000, 2), steps=5, var="large",
                                   generator=g, x_T=torch.randn(4000, 2, dtype=torch.float64, generator=g)))
@@ -36,7 +36,7 @@ def test_references_match_the_data_at_1000_steps_and_only_exact_survives_5():
 def test_metrics_score_true_samples_well_and_corrupted_ones_badly():
     g = torch.Generator().manual_seed(1)
     x = toy.DATA.sample(10_000, g)
-    good = toy.metrics(x)
+    good = toy.metrics(x)   # 10k samples: standard errors ~0.01 (NLL) and 0.001 (precision): > 4 of them
     assert good["nll"] == pytest.approx(ENTROPY, abs=0.04)
     assert good["precision"] == pytest.approx(1 - math.exp(-4.5), abs=0.005)   # P(chi2_2 < 9)
     assert good["coverage"] == 49 and good["tv"] < 0.05 and good["spread"] == pytest.approx(1, abs=0.03)
