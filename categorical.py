@@ -27,6 +27,7 @@ components split apart as tau falls to 1, where the loss is the exact likelihood
     python train.py --dataset fashion-mnist --categorical 10 --learned-var --anneal 1e6 --T 5
     python toy.py --T 5 --steps 5 --smd-objective categorical-var --width 160 --batch-size 512 --iters 24000
     python templates.py --T 2
+    python categorical.py            # the CIFAR-10 categorical U-Net's size
 """
 
 import math
@@ -147,3 +148,10 @@ class CategoricalDiffusion(Diffusion):
             mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)   # Alg. 2 line 7's mean
             x = mean + (0.5 * log_s2).exp().view(-1, *[1] * (x.dim() - 1)) * noise
         return x.clamp(-1, 1)
+
+
+if __name__ == "__main__":
+    from unet import n_params
+    vanilla, cat = n_params(UNet(UNetConfig())), n_params(CategoricalUNet(CategoricalConfig(components=10)))
+    print(f"UNet, categorical mixture of 10 components (--categorical 10): {cat:,} parameters "
+          f"(+{100 * (cat / vanilla - 1):.1f}% vs DDPM's {vanilla:,})")
