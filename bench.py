@@ -2,11 +2,12 @@
 bench.py -- how fast is it, and what does SMD cost? Vanilla and SMD side by side, one run.
 
 Times, for the same U-Net config: a training step (forward + backward + AdamW, eager and
-torch.compile'd), a sampling step (Algorithm 2 at batch 500; compiled, and as a CUDA graph)
-and FID feature extraction (fid.py, and pytorch-fid's model on the same images if installed).
-Prints ms/step, img/s, the SMD/vanilla ratio, U-Net GFLOPs per image (counted once with
-torch's FLOP counter), peak GPU memory and model FLOPs utilisation against the GPU's bf16
-peak. Warm-up is excluded; each number is the median of several repeats.
+torch.compile'd), a sampling step (Algorithm 2 at batch 500; compiled, and compiled as a CUDA
+graph, mode="reduce-overhead") and FID feature extraction (inception.py, and pytorch-fid's
+model on the same images if installed). Prints ms/step, img/s, the SMD/vanilla ratio, U-Net
+GFLOPs per image (counted once with torch's FLOP counter), peak GPU memory and model FLOPs
+utilisation against the GPU's bf16 peak. Warm-up is excluded; each number is the median of
+several repeats. Every flag is checked before a model is built (a bad one: one line, exit 2).
 
     python bench.py                      # CUDA: the CIFAR-10 35.7M model, batch 128, bf16
     python bench.py --json bench.json    # also write the results
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import statistics
 import time
 
@@ -25,16 +27,24 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
 import inception
 import smd
-from checkpoint import cuda_defaults
 from unet import UNet, UNetConfig
 
+PROG = "bench.py"
 CONFIGS = {"cifar10": UNetConfig(), "tiny": UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)}
+# the flags whose default depends on the device: (CUDA, CPU)
+DEVICE_DEFAULTS = dict(batch_size=(128, 8), sample_batch_size=(500, 16), warmup_iters=(10, 1),
+                       repeats=(5, 2), iters=(10, 2), fid_images=(2000, 4))
+SAMPLE_STEPS = 10  # steps of Algorithm 2 per timed sampling call; reported per step
 
 # dense bf16 tensor-core peak (FLOP/s) by device name, from the vendors' data sheets
 BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
              "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
+
+# -----------------------------------------------------------------------------
+# Timing and counting
 
 
 def sync(device):
@@ -81,18 +91,25 @@ def flops_per_image(config, use_smd, train_step):
             out.square().mean().backward()
     return counter.get_total_flops()
 
+# -----------------------------------------------------------------------------
+# What is timed
+
 
 def compiled(model, compile):
-    """compile: False, True, or "cuda-graph" (mode="reduce-overhead", as sample.py --cuda-graph).
+    """compile: False, True, or "cuda-graph" (torch.compile's mode="reduce-overhead").
     Static shapes: training and sampling batches differ, and each gets its own graph."""
     if not compile:
         return model
     return torch.compile(model, mode="reduce-overhead" if compile == "cuda-graph" else "default", dynamic=False)
 
 
+def fresh_unet(config, use_smd, device):
+    return UNet(dataclasses.replace(config, smd=use_smd)).to(device, memory_format=torch.channels_last)
+
+
 def training_step(config, use_smd, compile, args, device):
     """A function doing one training step of a fresh U-Net (Alg. 1, backward, AdamW)."""
-    model = UNet(dataclasses.replace(config, smd=use_smd)).to(device, memory_format=torch.channels_last)
+    model = fresh_unet(config, use_smd, device)
     net, diffusion = compiled(model, compile), smd.Diffusion().to(device)
     opt = smd.make_optimizer(model, 2e-4, device)
     x0 = torch.randn(args.batch_size, config.channels, config.image_size, config.image_size,
@@ -100,16 +117,35 @@ def training_step(config, use_smd, compile, args, device):
     return lambda: smd.train_step(net, diffusion, opt, x0, amp=device.type == "cuda")
 
 
-def sampling_steps(config, use_smd, compile, args, device, steps):
-    """A function running `steps` steps of Algorithm 2 (respaced) on a fresh U-Net."""
-    model = UNet(dataclasses.replace(config, smd=use_smd)).to(device, memory_format=torch.channels_last).eval()
+def sampling_steps(config, use_smd, compile, args, device):
+    """A function running SAMPLE_STEPS steps of Algorithm 2 (respaced) on a fresh U-Net."""
+    model = fresh_unet(config, use_smd, device).eval()
     net, diffusion = compiled(model, compile), smd.Diffusion().to(device)
-    shape = (args.sample_batch, config.channels, config.image_size, config.image_size)
+    shape = (args.sample_batch_size, config.channels, config.image_size, config.image_size)
 
     def run():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            diffusion.sample(net, shape, steps=steps, device=device)
+            diffusion.sample(net, shape, steps=SAMPLE_STEPS)
     return run
+
+
+def time_task(task, compile, args, device, flops, peak):
+    """Table rows for vanilla and SMD doing `task` ("train step" or "sample step"), timed side
+    by side with one compile setting; smd_ratio is SMD's time over vanilla's."""
+    train = task == "train step"
+    config, make = CONFIGS[args.config], training_step if train else sampling_steps
+    batch, per_call = (args.batch_size, 1) if train else (args.sample_batch_size, SAMPLE_STEPS)
+    warmup, iters = (args.warmup_iters, args.iters) if train else (max(1, args.warmup_iters // 2), 1)
+    torch._dynamo.reset()
+    timed = side_by_side({s: functools.partial(make, config, s, compile, args, device) for s in (False, True)},
+                         device, warmup, args.repeats, iters)
+    rows = []
+    for s, (sec, mem) in timed.items():
+        sec, f = sec / per_call, flops[s, train]
+        rows.append(dict(task=task, compile=compile, smd=s, ms=1e3 * sec, img_s=batch / sec,
+                         smd_ratio=timed[s][0] / timed[False][0], gflops=f / 1e9, mem_gib=mem,
+                         mfu=f * batch / sec / peak if peak else None))
+    return rows
 
 
 def pytorch_fid_features(model, images, batch_size, device):
@@ -123,90 +159,70 @@ def pytorch_fid_features(model, images, batch_size, device):
     return np.concatenate(out)
 
 
-def bench_fid(args, device):
+def time_fid(args, device):
     """img/s of FID features (299x299 Inception) on the same random 32x32 uint8 images, side
-    by side: fid.py in fp32 (and with TF32 on CUDA), and pytorch-fid's model if installed."""
+    by side: inception.py in fp32 (and with TF32 on CUDA), and pytorch-fid's model if installed."""
     try:
         model = inception.load_inception(args.fid_weights, device)
-    except (RuntimeError, ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"FID benchmark skipped: {e}")
         return None
     images = np.random.default_rng(0).integers(0, 256, (args.fid_images, 32, 32, 3), dtype=np.uint8)
-    makers = {"fid.py": lambda: lambda: inception.features(model, images, args.fid_batch, device)}
+    batch = args.fid_batch_size
+    makers = {"fid.py": lambda: lambda: inception.features(model, images, batch, device)}
     if device.type == "cuda":
-        makers["fid.py --tf32"] = lambda: lambda: inception.features(model, images, args.fid_batch, device, tf32=True)
+        makers["fid.py --tf32"] = lambda: lambda: inception.features(model, images, batch, device, tf32=True)
     try:
         theirs = inception.pytorch_fid_model(model).to(device)
-        makers["pytorch-fid"] = lambda: lambda: pytorch_fid_features(theirs, images, args.fid_batch, device)
+        makers["pytorch-fid"] = lambda: lambda: pytorch_fid_features(theirs, images, batch, device)
     except ImportError:
         print("pytorch-fid is not installed: no comparison (pip install pytorch-fid)")
     timed = side_by_side(makers, device, 1, args.repeats, 1)
     return {key: args.fid_images / sec for key, (sec, _) in timed.items()}
 
+# -----------------------------------------------------------------------------
+# The command line
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--config", choices=["cifar10", "tiny"], default=None,
-                   help="U-Net size: DDPM's CIFAR-10 model or a tiny one; default: cifar10 on CUDA, tiny on CPU")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch (128 on CUDA, 8 on CPU)")
-    p.add_argument("--sample-batch", type=int, default=None, help="sampling batch (500 on CUDA, 16 on CPU)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd rows (CUDA only)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None, help="training steps per timed repeat")
-    p.add_argument("--fid-images", type=int, default=None)
-    p.add_argument("--fid-batch", type=int, default=200)
-    p.add_argument("--fid-weights", default=None, help="FID Inception weights (default: as fid.py)")
-    p.add_argument("--no-fid", action="store_true")
-    p.add_argument("--json", default=None, help="write the results here")
+
+def parse_args(argv=None):
+    """The flags, all checked, with the device-dependent defaults filled in."""
+    p = cli.Parser(__doc__, prog=PROG)
+
+    def count(flag, what):  # a count whose default depends on the device
+        on_gpu, on_cpu = DEVICE_DEFAULTS[flag[2:].replace("-", "_")]
+        p.add_argument(flag, type=cli.positive_int, help=f"{what} (None: {on_gpu} on CUDA, {on_cpu} on CPU)")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda if this machine has it, else cpu")
+    p.add_argument("--config", choices=sorted(CONFIGS),
+                   help="U-Net: DDPM's CIFAR-10 model or a tiny one (None: cifar10 on CUDA, tiny on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="also time torch.compile'd steps (None: with CUDA)")
+    count("--batch-size", "training batch")
+    count("--sample-batch-size", "sampling batch")
+    count("--warmup-iters", "untimed calls first")
+    count("--repeats", "timed repeats, the median kept")
+    count("--iters", "training steps per repeat")
+    count("--fid-images", "images per FID timing")
+    p.add_argument("--fid-batch-size", type=cli.positive_int, default=200, help="images per Inception batch")
+    p.add_argument("--fid-weights", help="FID Inception weights (None: as fid.py, through torch.hub)")
+    p.add_argument("--no-fid", action="store_true", help="skip the FID feature timing")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--threads", type=cli.nonneg_int, default=0,
+                   help="CPU threads (0: 1 on machines with <= 4 cores, else torch's default)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    gpu = device.type == "cuda"
-    defaults = dict(batch_size=(128, 8), sample_batch=(500, 16), warmup=(10, 1), repeats=(5, 2),
-                    iters=(10, 2), fid_images=(2000, 4))
-    for k, (on_gpu, on_cpu) in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, on_gpu if gpu else on_cpu)
-    config = CONFIGS[args.config or ("cifar10" if gpu else "tiny")]
-    cuda_defaults(device)
-    name = torch.cuda.get_device_name(device) if gpu else "CPU"
-    peak = next((v for k, v in BF16_PEAK.items() if k in name), None) if gpu else None
-    print(f"device: {name}; U-Net ch={config.ch} ch_mult={config.ch_mult}; "
-          f"train batch {args.batch_size}, sample batch {args.sample_batch}")
+    if args.fid_weights is not None and not os.path.isfile(args.fid_weights):
+        cli.fail(PROG, f"--fid-weights {args.fid_weights}: no such file; download {inception.FID_WEIGHTS_URL}, "
+                       f"or leave out --fid-weights to download it through torch.hub")
+    cli.writable_file(PROG, args.json, "--json")
+    gpu = torch.device(args.device).type == "cuda"
+    for key, (on_gpu, on_cpu) in DEVICE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, on_gpu if gpu else on_cpu)
+    args.config = args.config or ("cifar10" if gpu else "tiny")
+    return args
 
-    flops = {(s, step): flops_per_image(config, s, step) for s in (False, True) for step in (False, True)}
-    rows = []
 
-    def add(task, compile, use_smd, sec, mem, batch):
-        f = flops[use_smd, task == "train step"]
-        rows.append(dict(task=task, compile=compile, smd=use_smd, ms=1e3 * sec, img_s=batch / sec, gflops=f / 1e9,
-                         mem_gib=mem, mfu=f * batch / sec / peak if peak else None))
-
-    fast = gpu and not args.no_compile
-    steps = 10   # one sampling call = 10 steps, reported per step
-    t0 = time.time()
-    for compile in [False, True] if fast else [False]:
-        print(f"[{time.time() - t0:5.0f}s] training steps, compile={compile}", flush=True)
-        torch._dynamo.reset()
-        timed = side_by_side({s: functools.partial(training_step, config, s, compile, args, device)
-                              for s in (False, True)}, device, args.warmup, args.repeats, args.iters)
-        for s, (sec, mem) in timed.items():
-            add("train step", compile, s, sec, mem, args.batch_size)
-    for compile in [True, "cuda-graph"] if fast else [False]:
-        print(f"[{time.time() - t0:5.0f}s] sampling steps, compile={compile}", flush=True)
-        torch._dynamo.reset()
-        timed = side_by_side({s: functools.partial(sampling_steps, config, s, compile, args, device, steps)
-                              for s in (False, True)}, device, max(1, args.warmup // 2), args.repeats, 1)
-        for s, (sec, mem) in timed.items():
-            add("sample step", compile, s, sec / steps, mem, args.sample_batch)
-    for r in rows:   # SMD/vanilla time ratio for the same task and compile setting
-        base = next(b for b in rows if b["task"] == r["task"] and b["compile"] == r["compile"] and not b["smd"])
-        r["smd_ratio"] = r["ms"] / base["ms"]
-    if not args.no_fid:
-        print(f"[{time.time() - t0:5.0f}s] FID features", flush=True)
-    fid_img_s = None if args.no_fid else bench_fid(args, device)
-
+def report(rows, fid_img_s, args):
     print(f"\n{'task':<12} {'compiled':<11} {'model':<8} {'ms/step':>9} {'img/s':>9} {'SMD/van':>8} "
           f"{'GFLOP/img':>10} {'peak GiB':>9} {'MFU':>6}")
     for r in rows:
@@ -214,10 +230,44 @@ def main(argv=None):
         print(f"{r['task']:<12} {str(r['compile']):<11} {'SMD' if r['smd'] else 'vanilla':<8} {r['ms']:>9.2f} "
               f"{r['img_s']:>9.1f} {r['smd_ratio']:>8.3f} {r['gflops']:>10.2f} {r['mem_gib']:>9.2f} {mfu:>6}")
     for k, v in (fid_img_s or {}).items():
-        print(f"FID features (Inception 299x299, batch {args.fid_batch}), {k}: {v:.1f} img/s")
+        print(f"FID features (Inception 299x299, batch {args.fid_batch_size}), {k}: {v:.1f} img/s")
+
+
+def main(argv=None):
+    # build: flags, device, the FLOPs of one image
+    args = parse_args(argv)
+    threads = cli.set_threads(args.threads)
+    device, config = torch.device(args.device), CONFIGS[args.config]
+    gpu = device.type == "cuda"
+    compile, _ = cli.cuda_defaults(device, args.compile)
+    name = torch.cuda.get_device_name(device) if gpu else "CPU"
+    peak = next((v for k, v in BF16_PEAK.items() if k in name), None) if gpu else None
+    print(f"device: {name} ({threads} CPU threads); U-Net {args.config} (ch={config.ch} ch_mult={config.ch_mult}); "
+          f"train batch {args.batch_size}, sample batch {args.sample_batch_size}")
+    flops = {(s, train): flops_per_image(config, s, train) for s in (False, True) for train in (False, True)}
+    t0, rows = time.time(), []
+
+    # time training: eager, and compiled if asked
+    for mode in [False, True] if compile else [False]:
+        print(f"[{time.time() - t0:5.0f}s] training steps, compile={mode}", flush=True)
+        rows += time_task("train step", mode, args, device, flops, peak)
+
+    # time sampling: eager, or compiled (and as a CUDA graph on a GPU)
+    for mode in ([True, "cuda-graph"] if gpu else [True]) if compile else [False]:
+        print(f"[{time.time() - t0:5.0f}s] sampling steps, compile={mode}", flush=True)
+        rows += time_task("sample step", mode, args, device, flops, peak)
+
+    # time FID features
+    fid_img_s = None
+    if not args.no_fid:
+        print(f"[{time.time() - t0:5.0f}s] FID features", flush=True)
+        fid_img_s = time_fid(args, device)
+
+    # report
+    report(rows, fid_img_s, args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=name, config=dataclasses.asdict(config), args=vars(args), rows=rows,
+            json.dump(dict(device=name, threads=threads, config=dataclasses.asdict(config), args=vars(args), rows=rows,
                            fid_img_s=fid_img_s), f, indent=1)
     return rows, fid_img_s
 

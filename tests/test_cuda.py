@@ -102,10 +102,12 @@ def test_train_and_sample_with_cuda_defaults(tmp_path, cifar_dir):
     assert images.shape == (5, 32, 32, 3) and images.dtype == np.uint8
 
 
-def test_bench_on_cuda(tmp_path):
-    script("bench.py", "--config", "tiny", "--batch-size", "8", "--sample-batch", "8", "--warmup", "2",
-           "--repeats", "2", "--iters", "2", "--fid-images", "8", "--fid-batch", "8", "--json", str(tmp_path / "b.json"))
+def test_bench_on_cuda(tmp_path, fid_weights):
+    script("bench.py", "--config", "tiny", "--batch-size", "8", "--sample-batch-size", "8", "--warmup-iters", "2",
+           "--repeats", "2", "--iters", "2", "--fid-images", "8", "--fid-batch-size", "8", "--fid-weights", fid_weights,
+           "--json", str(tmp_path / "b.json"))
     result = json.loads((tmp_path / "b.json").read_text())
+    assert result["fid_img_s"]["fid.py"] > 0 and result["fid_img_s"]["fid.py --tf32"] > 0
     rows = result["rows"]
     assert {(r["task"], r["compile"]) for r in rows} == {("train step", False), ("train step", True),
                                                          ("sample step", True), ("sample step", "cuda-graph")}
