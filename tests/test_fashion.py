@@ -1,0 +1,104 @@
+"""fashion.py: the classifier's scores on constructed predictions, the fast Frechet distance
+against fid.frechet_distance, parameter matching, refusals, and a tiny end-to-end run on
+Debian's Fashion-MNIST with the real FID Inception (CPU, ~20-30 s)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fashion
+import fid
+import inception
+from unet import UNet, n_params
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:FID statistics from N")]   # fid.stats with a few images
+
+HAVE_FASHION = os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def one_hot(classes, p=1.0):
+    """Predictions putting p on the given class of each sample, the rest spread evenly."""
+    probs = torch.full((len(classes), 10), (1 - p) / 9)
+    probs[torch.arange(len(classes)), torch.as_tensor(classes)] = p
+    return probs
+
+
+def test_class_metrics_on_constructed_predictions():
+    uniform = fashion.class_metrics(one_hot(torch.arange(1000) % 10))
+    assert uniform["confident"] == 1 and uniform["coverage"] == 10 and uniform["tv"] == pytest.approx(0, abs=1e-12)
+    single = fashion.class_metrics(one_hot([3] * 500))
+    assert single["confident"] == 1 and single["coverage"] == 1 and single["tv"] == pytest.approx(0.9)
+    blends = fashion.class_metrics(one_hot(torch.arange(100) % 10, p=0.5))      # nothing confident
+    assert blends == dict(confident=0.0, coverage=0, tv=1.0)
+    # 60% confident, spread over 4 classes (10 samples each, 25%); the other 40% are blends
+    mixed = torch.cat([one_hot(torch.arange(40) % 4), one_hot(torch.arange(40) % 10, p=0.85)[:26]])
+    m = fashion.class_metrics(mixed)
+    assert m["confident"] == pytest.approx(40 / 66) and m["coverage"] == 4
+    assert m["tv"] == pytest.approx(0.5 * (4 * 0.15 + 6 * 0.1))
+    # a class with a quarter of its expected share counts; one below it does not
+    counts = [25] * 9 + [5]                    # 230 confident: expected 23 each, 1/4 of it 5.75
+    assert fashion.class_metrics(one_hot(np.repeat(np.arange(10), counts)))["coverage"] == 9
+
+
+@pytest.mark.parametrize("n", [500, 20], ids=["full-rank", "rank-deficient"])
+def test_fast_frechet_distance_equals_fid_py(n):
+    rng = np.random.default_rng(n)
+    A = rng.standard_normal((64, 64)) / 8
+    x, ref = rng.standard_normal((n, 64)) @ A + 0.2, rng.standard_normal((400, 64)) @ (A + 0.05)
+    mu, sigma = fid.stats(ref)
+    assert fashion.frechet_to(x, mu, sigma) == pytest.approx(fid.frechet_distance(*fid.stats(x), mu, sigma), rel=1e-5)
+    assert abs(fashion.frechet_to(ref, mu, sigma)) < 1e-6 * np.trace(sigma)   # to itself: 0 up to rounding
+
+
+def test_models_are_matched_and_the_control_is_sized_like_smd():
+    args = fashion.get_parser().parse_args([])
+    specs = fashion.model_specs(args)
+    target = n_params(UNet(specs["vanilla"][0]))
+    assert list(specs) == ["vanilla", "SMD", "categorical K=10"] and specs["vanilla"][0].ch == 32
+    for name, (cfg, _) in specs.items():
+        assert abs(n_params(fashion.build(cfg)) / target - 1) < 0.05, name
+    assert specs["categorical K=10"][1] == "v" and specs["categorical K=10"][0].learned_var
+    unmatched = fashion.model_specs(fashion.get_parser().parse_args(["--no-match-params"]))
+    smd_size = n_params(UNet(unmatched["SMD"][0]))
+    control = [k for k in unmatched if k.startswith("vanilla ch=")]
+    assert smd_size > target and len(control) == 1
+    assert abs(n_params(UNet(unmatched[control[0]][0])) / smd_size - 1) < 0.1
+
+
+@pytest.mark.skipif(not HAVE_FASHION, reason="Debian's dataset-fashion-mnist is not installed")
+def test_tiny_end_to_end(tmp_path):
+    fid_on = inception.find_fid_helper_weights() is not None
+    out = tmp_path / "out"
+    argv = ["--T", "2,3", "--iters", "2", "--batch-size", "4", "--n", "2", "--fid-ref-n", "2", "--classifier-iters", "20",
+            "--width", "8", "--latent-dim", "4", "--components", "2", "--threads", "1", "--out-dir", str(out)]
+    fashion.main(argv + ([] if fid_on else ["--no-fid"]))
+    res = json.loads((out / "fashion_results.json").read_text())
+    got = {(r["model"], r["T"]) for r in res["rows"]}
+    assert got == {("data", 0), *((m, T) for m in ("vanilla", "SMD", "categorical K=2") for T in (2, 3))}
+    for r in res["rows"]:
+        assert 0 <= r["confident"] <= 1 and 0 <= r["coverage"] <= 10 and 0 <= r["tv"] <= 1, r
+        assert math.isfinite(r["fd_clf"]) and r["fd_clf"] >= -1e-6, r
+        assert not fid_on or (math.isfinite(r["fid"]) and r["fid"] >= 0), r
+    assert 0 <= res["classifier"]["test_accuracy"] <= 1 and res["classifier"]["iters"] == 20
+    assert res["models"]["SMD T=2"]["eta_sens"] is not None and res["models"]["vanilla T=3"]["eta_sens"] is None
+    assert (out / "fashion.png").stat().st_size > 1000
+    assert not fid_on or len(list(out.glob("fid_ref_test_16px_n2_*.npz"))) == 1   # the cached reference
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--T", "1"], "--T 1: a chain needs at least 2 steps"), (["--models", "vanilla,gan"], "--models: 'vanilla,gan'"),
+    (["--fid-ref-n", "10001"], "--fid-ref-n 10001: the test set holds 10000"), (["--n", "1"], "--n: 1 is out of range"),
+    (["--fid-weights", "/nonexistent.pt"], "--fid-weights /nonexistent.pt: no such file"),
+    (["--json", "/nonexistent/r.json"], "--json /nonexistent/r.json: the folder"),
+])
+def test_bad_flags_refused_before_any_work(argv, says, capsys, monkeypatch):
+    monkeypatch.setattr(fashion, "load_split", lambda *a: pytest.fail("read the data before checking its flags"))
+    with pytest.raises(SystemExit) as e:
+        fashion.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("fashion.py: ") and err.count("\n") == 1 and says in err, err
