@@ -183,7 +183,7 @@ def run_T(T, args, specs, rows, info, samples):
         model.eval()
         eta = smd.eta_sensitivity(model, diffusion, images(DATA.sample(250, gen(3))), n_t=min(10, T),
                                   generator=gen(4))[0] if model.latent_dim else None
-        gap, gap_t = gap_to_best_gaussian(model, diffusion, 2000, gen(5))
+        gap, gap_t = gap_to_best_gaussian(model, diffusion, min(2000, args.n), gen(5))
         m = dict(params=n_params(model), ch=cfg.ch, loss=loss, train_s=time.time() - t0, gap=gap, gap_per_t=gap_t,
                  eta_sens=eta)
         with torch.no_grad():
@@ -261,7 +261,8 @@ def get_parser():
     p.add_argument("--objective", default="eps", choices=["eps", "v"], help="vanilla and SMD: eps (the paper) or v")
     p.add_argument("--var", default="small", choices=["small", "large"],
                    help="sigma^2 of vanilla and SMD: small (beta~) or large (beta)")
-    p.add_argument("--n", type=cli.int_at_least(16, "samples per cell; the figure shows 16"), default=2000)
+    p.add_argument("--n", type=cli.int_at_least(16, "the figure shows 16"), default=2000,
+                   help="samples per cell; also the rows of the gap, at most 2000")
     p.add_argument("--seed", type=cli.nonneg_int, default=0)
     p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores)")
     p.add_argument("--json", default="", help="write results here")
