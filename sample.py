@@ -97,7 +97,8 @@ def get_parser():
     p.add_argument("--var", default="large", choices=["large", "small"], help="DDPM: sigma^2 = beta or beta_tilde")
     p.add_argument("--ddim-eta", type=cli.nonneg_float, default=0.0,
                    help="DDIM's eta (0: deterministic for DDPM models; for SMD add --eta fixed); not SMD's eta")
-    p.add_argument("--clip-x0", action="store_true", help="step through x0_hat clipped to [-1, 1] (the authors' sampler)")
+    p.add_argument("--clip-x0", action="store_true",
+                   help="step through x0_hat clipped to [-1, 1] (the authors' sampler)")
     p.add_argument("--eta", default="fresh", choices=["fresh", "fixed", "zero"],
                    help="SMD: a fresh eta every step (Alg. 2), one per image for the chain, or eta = 0")
     p.add_argument("--n", type=cli.positive_int, default=64, help="number of images")
@@ -139,8 +140,8 @@ def main(argv=None):
     compile_, amp = cli.cuda_defaults(device, args.compile, args.amp)
     model, diffusion, info = load(args, device)
     origin = (f"published weights ({info['init']})" if info["step"] is None else
-              f"trained {info['step']} steps on {info.get('dataset')}" + (f" from {info['init']}" if info.get("init") else "")
-              + f", {'raw' if args.no_ema else 'EMA'} weights")
+              f"trained {info['step']} steps on {info.get('dataset')}"
+              + (f" from {info['init']}" if info.get("init") else "") + f", {'raw' if args.no_ema else 'EMA'} weights")
     kind = "SMD" if info["smd"] else f"categorical K={info['components']}" if info.get("components") else "DDPM"
     print(f"{args.ckpt}: {kind} U-Net {origin} | {args.sampler}, {args.steps or diffusion.T} of T={diffusion.T} "
           f"steps, var {args.var}, clip_x0={args.clip_x0}, eta {args.eta}, seed {args.seed}, n {args.n}, "

@@ -176,7 +176,8 @@ def run_T(T, args, specs, rows, info, samples):
     score("best Gaussian", dif_eps.sample(DATA.best_gaussian_model(dif_eps), x_T.shape, var=args.var, generator=g,
                                           x_T=x_T))
     for name, (cfg, objective) in specs.items():
-        diffusion = (CategoricalDiffusion if isinstance(cfg, CategoricalConfig) else smd.Diffusion)(T, objective=objective)
+        chain = CategoricalDiffusion if isinstance(cfg, CategoricalConfig) else smd.Diffusion
+        diffusion = chain(T, objective=objective)
         torch.manual_seed(args.seed)
         model, t0 = build(cfg), time.time()
         loss = train(model, diffusion, args, args.seed)

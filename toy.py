@@ -248,7 +248,8 @@ def run(args, seed):
     with torch.no_grad():
         for name, model, diffusion, dtype in samplers:
             # eta=0: the first var only; categorical: beta_tilde, as trained (or their own variances)
-            for var in ["small"] if name.startswith("categorical") else args.var[:1] if name.endswith("eta=0") else args.var:
+            variances = ["small"] if name.startswith("categorical") else args.var[:1] if name.endswith("eta=0") else args.var
+            for var in variances:
                 for s in steps_list:
                     t0 = time.time()     # Diffusion.sample clamps to [-1, 1]; the data lie in |x| < 0.9
                     g = gen(s)
