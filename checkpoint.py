@@ -1,6 +1,6 @@
 """
-checkpoint.py -- a model on disk and on the machine: what train.py writes, what sample.py and
-bench.py build and load, and the CUDA settings all three run under.
+checkpoint.py -- a model on disk: what train.py writes, what sample.py and bench.py build and
+load; and a training run's folder (one run at a time: lock_run) and random state.
 
 A checkpoint (out_dir/ckpt.pt) is one dict:
   model, ema      state dicts of the uncompiled UNet (raw and EMA weights)
@@ -17,11 +17,13 @@ or a .bin file; and a run folder, meaning its ckpt.pt.
 """
 
 import dataclasses
+import fcntl
 import os
 import pickle
 import zipfile
 
 import torch
+import torch.distributed as dist
 
 import pretrained
 import smd
@@ -114,3 +116,39 @@ def load_checkpoint(path, device="cpu", ema=True):
                          f"(a checkpoint of another model?): {' '.join(str(e).split()[6:])[:200]}...") from None
     info = {**ckpt["config"], **dataclasses.asdict(cfg), "step": ckpt.get("step")}
     return model.to(device).eval(), diffusion.to(device), info
+
+# -----------------------------------------------------------------------------
+# a training run's folder and random state
+
+
+def lock_run(out_dir):
+    """Hold an exclusive lock on out_dir/.lock for the life of the process (the OS releases it
+    if the process dies); a second run in the same folder is refused."""
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise OSError(f"another training run is using --out-dir {out_dir}") from None
+    return f
+
+
+def rng_states(device, world, gather):
+    """This process's RNG states; under DDP a list over ranks (gathered unless `gather` is off)."""
+    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+    if world == 1 or not gather:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(states, rank, world, seed, step):
+    """Continue this rank's random streams where the checkpoint left them (or reseed, saying so)."""
+    if len(states) != world:   # e.g. a Ctrl-C checkpoint of a DDP run, or a different world size
+        print(f"rank {rank}: the checkpoint has RNG states of {len(states)} ranks, not {world}: reseeding")
+        return torch.manual_seed(seed + rank + 1_000_003 * step)
+    torch.set_rng_state(states[rank]["torch"])
+    if states[rank]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[rank]["cuda"])

@@ -25,7 +25,6 @@ steps. On CPU machines with <= 4 cores it uses one thread (--threads 0), which w
 import argparse
 import copy
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -40,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import categorical
 import cli
 import smd
-from checkpoint import (MODEL_FIELDS, build_diffusion, build_model, load_pretrained, model_config, read_checkpoint,
-                        save_checkpoint)
+from checkpoint import (MODEL_FIELDS, build_diffusion, build_model, load_pretrained, lock_run, model_config,
+                        read_checkpoint, restore_rng, rng_states, save_checkpoint)
 from data import DATASETS, make_batches, save_grid, to_uint8
 from unet import UNetConfig
 
@@ -189,15 +188,6 @@ def resume(args, explicit, path):
     return ckpt, stored
 
 
-def restore_rng(states, rank, world, seed, step):
-    if len(states) != world:   # e.g. a Ctrl-C checkpoint of a DDP run, or a different world size
-        print(f"rank {rank}: the checkpoint has RNG states of {len(states)} ranks, not {world}: reseeding")
-        return torch.manual_seed(seed + rank + 1_000_003 * step)
-    torch.set_rng_state(states[rank]["torch"])
-    if states[rank]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states[rank]["cuda"])
-
-
 def initial_weights(args, explicit, channels, image_size):
     """(DDPM U-Net, the UNetConfig of this run, description) for --init: the published weights
     fix the network's shape; --smd, --latent-dim and --dropout are this run's."""
@@ -213,19 +203,6 @@ def initial_weights(args, explicit, channels, image_size):
 
 # -----------------------------------------------------------------------------
 # the run folder: one run at a time, its log, its checkpoint
-
-
-def lock_run(out_dir):
-    """Hold an exclusive lock on out_dir/.lock for the life of the process (the OS releases it
-    if the process dies); a second run in the same folder is refused."""
-    os.makedirs(out_dir, exist_ok=True)
-    f = open(os.path.join(out_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        cli.fail(PROG, f"another training run is using --out-dir {out_dir}: wait for it to finish, stop it, "
-                       f"or choose another --out-dir")
-    return f
 
 
 def log(msg, out_dir):
@@ -248,7 +225,7 @@ def save(path, model, ema, optimizer, step, meta, device, world, master, saved, 
     A failed write (disk full, read-only) keeps the previous checkpoint and stops the run."""
     params = [*model.parameters(), *ema.parameters()]
     if not torch.stack([torch.isfinite(p).all() for p in params]).all().item():
-        cli.fail(PROG, f"non-finite parameters at step {step}; stopping without saving")
+        raise SystemExit(f"{PROG}: non-finite parameters at step {step}; stopping without saving")
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
     rng = rng_states(device, world, gather)
@@ -258,7 +235,7 @@ def save(path, model, ema, optimizer, step, meta, device, world, master, saved, 
         try:
             save_checkpoint(ckpt, path)
         except OSError as e:
-            need = sum(t.numel() * t.element_size() for t in _tensors(ckpt)) / 2**20
+            need = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20   # model, EMA, Adam x2
             kept = f"the checkpoint of step {saved} is intact" if saved else "no checkpoint was written before"
             log(f"could not write {path} at step {step} ({e.strerror or e}); {kept}. A checkpoint needs about "
                 f"{need:.0f} MiB: free space, then --resume", os.path.dirname(path))
@@ -266,26 +243,6 @@ def save(path, model, ema, optimizer, step, meta, device, world, master, saved, 
         log(f"saved {path} at step {step}", os.path.dirname(path))
     return step
 
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
-def rng_states(device, world, gather):
-    """This process's RNG states; under DDP a list over ranks (gathered unless `gather` is off)."""
-    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-    if world == 1 or not gather:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
-    return states
 
 # -----------------------------------------------------------------------------
 # processes, signals, the loss check
@@ -343,7 +300,10 @@ def open_run(args, explicit, ckpt_path, world, master):
         cli.fail(PROG, f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
     check_args(args, world, stored)
     args.flip = args.dataset != "mnist" if args.flip is None else args.flip
-    return ckpt, lock_run(args.out_dir) if master else None
+    try:
+        return ckpt, lock_run(args.out_dir) if master else None
+    except OSError as e:
+        cli.fail(PROG, f"{e}: wait for it to finish, stop it, or choose another --out-dir")
 
 
 def load_data(args, explicit, ckpt, rank, world, device):
