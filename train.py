@@ -98,7 +98,8 @@ def get_parser():
     p.add_argument("--ckpt-every", type=cli.positive_int, default=5000)
     p.add_argument("--sample-every", type=cli.nonneg_int, default=10000, help="0: never")
     p.add_argument("--sample-n", type=cli.positive_int, default=64)
-    p.add_argument("--sample-steps", type=cli.int_at_least(2, "a sampler takes >= 2 steps"), default=100)
+    p.add_argument("--sample-steps", type=cli.int_at_least(2, "a sampler takes >= 2 steps"), default=None,
+                   help="sampling steps of the in-run grids (default: min(100, T))")
     return p
 
 
@@ -140,7 +141,7 @@ def check_args(args, world=1, stored=()):
         bad("image_size", f"{args.dataset} is 32x32 (28x28 is padded): --image-size is for image folders")
     if args.batch_size % world:
         bad("batch_size", f"not divisible by {world} ranks")
-    if args.sample_every and args.sample_steps > args.T:
+    if args.sample_every and (args.sample_steps or 0) > args.T:
         bad("sample_steps", f"the chain has only --T {args.T} steps")
     if args.smd and args.components:
         bad("components", "SMD (--smd) and the categorical denoiser are two different models: choose one")
@@ -393,7 +394,7 @@ def train(args, net, model, ema, optimizer, diffusion, data, step, ckpt_path, me
             if master and args.sample_every and step % args.sample_every == 0:
                 g = torch.Generator(device).manual_seed(args.seed)   # not the training RNG: resume stays exact
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    x = diffusion.sample(ema, shape, args.sample_steps, generator=g)
+                    x = diffusion.sample(ema, shape, args.sample_steps or min(100, args.T), generator=g)
                 save_grid(to_uint8(x).cpu().numpy(), os.path.join(args.out_dir, f"samples_{step:07d}.png"))
             if ckpt_now:
                 saved = save(ckpt_path, model, ema, optimizer, step, meta, device, world, master, saved)

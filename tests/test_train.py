@@ -290,6 +290,11 @@ def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, says):
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
+def test_a_short_chain_needs_no_sampling_flags():
+    """--T 5 alone passes every check: the in-run grids sample min(100, T) steps."""
+    train.check_args(train.get_parser().parse_args(["--T", "5", "--categorical", "10", "--anneal", "1e6"]))
+
+
 def test_resume_checks_stored_flags_and_finished_runs(tmp_path, cifar_dir, capsys):
     out = ["--out-dir", str(tmp_path / "out")]
     run(tmp_path / "out", "--dataset", "cifar10", "--data-dir", cifar_dir, "--max-steps", "2")
