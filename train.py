@@ -3,8 +3,8 @@ train.py -- train a DDPM or Soft Mixture Denoising (SMD) U-Net, on one GPU or ma
 
     python train.py --dataset cifar10 --smd                  # SMD on CIFAR-10 (downloads to ./data)
     python train.py --dataset cifar10                        # the DDPM baseline
-    python train.py --dataset fashion-mnist --smd --ch 32 --ch-mult 1,2 --num-res-blocks 1 --attn-res "" \\
-        --latent-dim 16 --batch-size 32 --lr 1e-3 --warmup 50 --max-steps 300 --sample-every 300 --sample-n 16 \\
+    python train.py --dataset fashion-mnist --smd --ch 16 --ch-mult 1,2 --num-res-blocks 1 --attn-res "" \\
+        --latent-dim 16 --batch-size 16 --lr 1e-3 --warmup 50 --max-steps 300 --sample-every 300 --sample-n 16 \\
         --sample-steps 20 --out-dir out/quick
                                                              # CPU, offline (Debian's dataset-fashion-mnist)
     python train.py --dataset path/to/celeba --image-size 64 --smd   # any folder of images
