@@ -11,7 +11,10 @@ v, its responsibilities annealed (categorical.temperature, --anneal). SMD and th
 model get the even width whose parameter count is closest to vanilla's (unet.matched_width);
 if SMD is still larger, a vanilla model at SMD's size is trained too. The timesteps and the
 noise come from torch's global RNG, seeded alike for every model (the SMD and categorical
-losses draw more from it, so they match vanilla's only at the first step).
+losses draw more from it, so they match vanilla's only at the first step). Vanilla and SMD
+predict eps as in the paper; --objective v gives them the categorical model's v (at T = 2 the
+first step's x0 = (x_T - sqrt(1 - abar) eps_hat) / sqrt(abar), abar = 4e-5, multiplies eps's
+error by 158: with eps the T = 2 samples are clipped noise whatever the model).
 
 Data: the 28x28 images padded to 32x32 (data.py), average-pooled 2x2 to 16x16 and rounded to
 uint8; models see x / 127.5 - 1, samples go back through data.to_uint8.
@@ -69,7 +72,6 @@ from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet
 from unet import UNet, UNetConfig, matched_width, n_params
 
 PROG = "fashion.py"
-CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 CONFIDENT, SHARE, ETA_IMAGES = 0.9, 0.25, 64
 
 # -----------------------------------------------------------------------------
@@ -220,16 +222,17 @@ def model_specs(args):
     target = n_params(UNet(config(args, args.width)))
     match = lambda **kw: matched_width(target, lambda w: build(config(args, w, **kw)), 2) \
         if args.match_params else args.width
-    specs = {}
+    specs, obj = {}, args.objective
+    tag = "" if obj == "eps" else f" ({obj})"
     if "vanilla" in args.models:
-        specs["vanilla"] = (config(args, args.width), "eps")
+        specs["vanilla" + tag] = (config(args, args.width), obj)
     if "smd" in args.models:
         kw = dict(smd=True, latent_dim=args.latent_dim)
-        specs["SMD"] = (config(args, match(**kw), **kw), "eps")
-        size = n_params(UNet(specs["SMD"][0]))
+        specs["SMD" + tag] = (config(args, match(**kw), **kw), obj)
+        size = n_params(UNet(specs["SMD" + tag][0]))
         w = matched_width(size, lambda w: UNet(config(args, w)), 2)
         if size > target and w != args.width:
-            specs[f"vanilla ch={w}"] = (config(args, w), "eps")   # SMD's size
+            specs[f"vanilla ch={w}{tag}"] = (config(args, w), obj)   # SMD's size
     if "categorical" in args.models:
         kw = dict(components=args.components, learned_var=True)
         specs[f"categorical K={args.components}"] = (config(args, match(**kw), **kw), "v")
@@ -273,7 +276,8 @@ def sample(model, diffusion, n, size, var, generator, batch=512):
 def run_T(T, args, specs, ctx, rows, info, samples):
     gen = lambda s: torch.Generator().manual_seed(args.seed * 100003 + 1000 * T + s)
     for name, (cfg, objective) in specs.items():
-        diffusion = (CategoricalDiffusion if isinstance(cfg, CategoricalConfig) else smd.Diffusion)(T, objective=objective)
+        chain = CategoricalDiffusion if isinstance(cfg, CategoricalConfig) else smd.Diffusion
+        diffusion = chain(T, objective=objective)
         torch.manual_seed(args.seed)
         model, t0 = build(cfg), time.time()
         loss, ms = train(model, diffusion, ctx["x_train"], args, f"T={T} {name}")
@@ -361,6 +365,8 @@ def get_parser():
     p.add_argument("--iters", type=cli.positive_int, default=1200, help="training steps per model")
     p.add_argument("--batch-size", type=cli.positive_int, default=64)
     p.add_argument("--lr", type=cli.positive_float, default=2e-3)
+    p.add_argument("--objective", default="eps", choices=["eps", "v"],
+                   help="vanilla and SMD: eps (Algorithm 1, the paper) or v (the categorical model's; stable at T=2)")
     p.add_argument("--var", default="small", choices=["small", "large"],
                    help="sigma^2 of vanilla and SMD: small (beta~) or large (beta); categorical: its own")
     p.add_argument("--n", type=cli.int_at_least(2, "samples per model, the same for all; FID wants >= 2048"),
@@ -445,7 +451,8 @@ def main(argv=None):
     if args.json:
         result = dict(config=vars(args), classifier=classifier, models=info, rows=rows, seconds=time.time() - t0,
                       torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count())
-        data.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
     if args.png:   # last: a bad path costs no results
         figure(rows, samples, args.png)
     return rows

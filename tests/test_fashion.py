@@ -68,14 +68,17 @@ def test_models_are_matched_and_the_control_is_sized_like_smd():
     control = [k for k in unmatched if k.startswith("vanilla ch=")]
     assert smd_size > target and len(control) == 1
     assert abs(n_params(UNet(unmatched[control[0]][0])) / smd_size - 1) < 0.1
+    v = fashion.model_specs(fashion.get_parser().parse_args(["--objective", "v", "--models", "vanilla,smd"]))
+    assert {k: o for k, (_, o) in v.items()} == {"vanilla (v)": "v", "SMD (v)": "v"}
 
 
 @pytest.mark.skipif(not HAVE_FASHION, reason="Debian's dataset-fashion-mnist is not installed")
 def test_tiny_end_to_end(tmp_path):
     fid_on = inception.find_fid_helper_weights() is not None
     out = tmp_path / "out"
-    argv = ["--T", "2,3", "--iters", "2", "--batch-size", "4", "--n", "2", "--fid-ref-n", "2", "--classifier-iters", "20",
-            "--width", "8", "--latent-dim", "4", "--components", "2", "--threads", "1", "--out-dir", str(out)]
+    argv = ["--T", "2,3", "--iters", "2", "--batch-size", "4", "--n", "2", "--fid-ref-n", "2",
+            "--classifier-iters", "20", "--width", "8", "--latent-dim", "4", "--components", "2", "--threads", "1",
+            "--out-dir", str(out)]
     fashion.main(argv + ([] if fid_on else ["--no-fid"]))
     res = json.loads((out / "fashion_results.json").read_text())
     got = {(r["model"], r["T"]) for r in res["rows"]}
@@ -95,6 +98,7 @@ def test_tiny_end_to_end(tmp_path):
     (["--fid-ref-n", "10001"], "--fid-ref-n 10001: the test set holds 10000"), (["--n", "1"], "--n: 1 is out of range"),
     (["--fid-weights", "/nonexistent.pt"], "--fid-weights /nonexistent.pt: no such file"),
     (["--json", "/nonexistent/r.json"], "--json /nonexistent/r.json: the folder"),
+    (["--objective", "x0"], "--objective: invalid choice"),
 ])
 def test_bad_flags_refused_before_any_work(argv, says, capsys, monkeypatch):
     monkeypatch.setattr(fashion, "load_split", lambda *a: pytest.fail("read the data before checking its flags"))
