@@ -359,7 +359,8 @@ def get_parser():
                    help="vanilla's U-Net width (ch); the others are matched to its parameter count")
     p.add_argument("--no-match-params", dest="match_params", action="store_false", help="every model at --width")
     p.add_argument("--latent-dim", type=cli.positive_int, default=16, help="SMD's eta and z_t")
-    p.add_argument("--components", type=cli.int_at_least(2, "K of the categorical model"), default=10)
+    p.add_argument("--components", type=cli.positive_int, default=10,
+                   help="K of the categorical model (1: one Gaussian trained by its exact likelihood)")
     p.add_argument("--anneal", type=cli.temperature, default=1e6,
                    help="categorical: responsibilities' temperature from this to 1 over the first half (1: off)")
     p.add_argument("--iters", type=cli.positive_int, default=1200, help="training steps per model")
