@@ -77,14 +77,28 @@ class CategoricalUNet(UNet):
         return out, head[:, :K], head[:, K:] if self.config.learned_var else None
 
 
+def capped_weight(c0, s2, cap):
+    """w_t = min(1, cap / (c0^2 / (2 sigma_t^2))): the exact NLL's own weight on |x0_hat - x_0|^2,
+    c0^2 / (2 sigma_t^2), capped at `cap` (as min-SNR-gamma caps the eps loss's SNR weight, Hang
+    et al. 2023). That weight is ~5000 at the steps into abar ~ 1 on every chain and 0.002-3 at the
+    steps where a 10-step chain chooses its mode, so the exact NLL spends the network on denoising
+    the last pixel noise; capped at 1, those steps weigh no more than the others. On a 2-step
+    chain both steps are capped: the exact NLL times a constant."""
+    return (cap * 2 * s2 / c0**2).clamp(max=1)
+
+
 def temperature(step, total, tau0, frac=0.5):
     """tau at a training step: tau0 -> 1 geometrically over the first `frac` of training, then 1."""
     return tau0 ** max(0.0, 1 - step / (frac * total)) if tau0 > 1 else 1.0
 
 
 class CategoricalDiffusion(Diffusion):
-    """The same chain as smd.Diffusion; its loss is the exact mixture likelihood and its
-    sampler picks a component at every step."""
+    """The same chain as smd.Diffusion; its loss is the exact mixture likelihood (each step's
+    weighted by `capped_weight` if `cap` is set) and its sampler picks a component at every step."""
+
+    def __init__(self, T=1000, schedule="linear", objective="eps", cap=None):
+        super().__init__(T, schedule, objective)
+        self.cap = cap
 
     def loss(self, model, x0, tau=1.0):
         """-log p(x_{t-1} | x_t) per dimension, exactly (logsumexp over the K components), for
@@ -97,7 +111,8 @@ class CategoricalDiffusion(Diffusion):
         they disagree. K = 1 is then Eq. (14) with Gamma_t, DDPM's L_{t-1}. Learned variances add
         their own term: the mixture log-density with means and weights held fixed (stop-gradient,
         as improved DDPM's L_hybrid), so a wide variance cannot stand in for a wrong mean. With
-        tau > 1 the first term is -tau logsumexp(log N_k / tau) (see `temperature`)."""
+        tau > 1 the first term is -tau logsumexp(log N_k / tau) (see `temperature`). With `cap`, each
+        step's NLL (both terms) is multiplied by capped_weight(c0, sigma_t^2, cap)."""
         B = x0.shape[0]
         t = torch.randint(0, self.T, (B,), device=x0.device)
         eps = torch.randn_like(x0)
@@ -107,6 +122,7 @@ class CategoricalDiffusion(Diffusion):
         c0, _, bt = posterior(abar, abar / (1 - beta))
         bt1 = posterior(self.alphas_cumprod[1], self.alphas_cumprod[0])[2]
         s2 = torch.where(t == 0, bt1, bt)                                     # sigma_t^2, clipped at t = 0
+        w = capped_weight(c0, s2, self.cap) if self.cap else 1.0              # (B,): the step's weight
         x0_k = self.x0_from(out.double(), x_t[:, None].double(), abar.view(B, *[1] * (out.dim() - 1)))
         d = (x0_k - x0[:, None].double()).flatten(2)                         # (B, K, D)
         xi = torch.randn(B, 1, d.shape[2], device=x0.device, dtype=d.dtype)
@@ -119,7 +135,7 @@ class CategoricalDiffusion(Diffusion):
             log_s2 = torch.lerp(s2.log(), beta.log(), torch.sigmoid(var_logits.double()))
             r2 = bt * xi.pow(2).sum(2) - 2 * c0 * bt.sqrt() * dxi.detach() + c0**2 * dd.detach()
             nll = nll - torch.logsumexp(log_pi.detach() - r2 / (2 * log_s2.exp()) - 0.5 * d.shape[2] * log_s2, 1)
-        return nll.mean().float() / d.shape[2]
+        return (w * nll).mean().float() / d.shape[2]
 
     @torch.no_grad()
     def sample(self, model, shape, steps=None, var="small", generator=None, x_T=None, update=None):

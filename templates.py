@@ -176,8 +176,8 @@ def run_T(T, args, specs, rows, info, samples):
     score("best Gaussian", dif_eps.sample(DATA.best_gaussian_model(dif_eps), x_T.shape, var=args.var, generator=g,
                                           x_T=x_T))
     for name, (cfg, objective) in specs.items():
-        chain = CategoricalDiffusion if isinstance(cfg, CategoricalConfig) else smd.Diffusion
-        diffusion = chain(T, objective=objective)
+        diffusion = CategoricalDiffusion(T, objective=objective, cap=args.nll_cap) \
+            if isinstance(cfg, CategoricalConfig) else smd.Diffusion(T, objective=objective)
         torch.manual_seed(args.seed)
         model, t0 = build(cfg), time.time()
         loss = train(model, diffusion, args, args.seed)
@@ -259,6 +259,8 @@ def get_parser():
     p.add_argument("--lr", type=cli.positive_float, default=4e-3)
     p.add_argument("--anneal", type=cli.temperature, default=1e6,
                    help="categorical: responsibilities' temperature from this to 1 over the first half (1: off)")
+    p.add_argument("--nll-cap", type=cli.positive_float, default=None,
+                   help="categorical: cap each step's NLL weight on |x0_hat - x0|^2 (categorical.capped_weight)")
     p.add_argument("--objective", default="eps", choices=["eps", "v"], help="vanilla and SMD: eps (the paper) or v")
     p.add_argument("--var", default="small", choices=["small", "large"],
                    help="sigma^2 of vanilla and SMD: small (beta~) or large (beta)")

@@ -178,3 +178,29 @@ def test_mixture_sampler_picks_components_with_their_probabilities():
     beta = 1 - d.abar_host[0]                                  # last step: sigma^2 = beta = beta_tilde clipped
     spread = (x - x0s[(x - x0s).abs().argmin(1)][:, None]).std().item()
     assert spread == pytest.approx(math.sqrt(beta), rel=0.03)   # standard error 1 / sqrt(2 n) = 0.4%
+
+
+def test_capped_weight(monkeypatch):
+    """w_t = min(1, cap * 2 sigma_t^2 / c0^2) multiplies each example's NLL: with every example at
+    one t the capped loss is w_t times the exact one, on the same draws; a cap too large to bind
+    leaves the exact loss."""
+    c0, s2 = torch.tensor([1.0, 0.1, 0.01], dtype=torch.float64), torch.tensor([1e-4, 1e-2, 1e-2], dtype=torch.float64)
+    torch.testing.assert_close(categorical.capped_weight(c0, s2, 1.0), torch.tensor([2e-4, 1.0, 1.0], dtype=torch.float64))
+    model = Mixture(torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64),
+                    torch.randn(3, dtype=torch.float64))
+    x0 = torch.randn(64, 4, dtype=torch.float64).clamp(-1, 1)
+    d = {cap: CategoricalDiffusion(T=10, objective="v", cap=cap) for cap in (None, 1e30, 1.0)}
+    randint = torch.randint
+    for step in (0, 4, 9):
+        monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: torch.full(size, step))
+        losses = {}
+        for cap, diffusion in d.items():
+            torch.manual_seed(0)
+            losses[cap] = diffusion.loss(model, x0).item()
+        abar, beta = d[None].alphas_cumprod[step], d[None].betas[step]
+        c0, _, bt = smd.posterior(abar, abar / (1 - beta))
+        s2 = bt if step else smd.posterior(d[None].alphas_cumprod[1], d[None].alphas_cumprod[0])[2]
+        w = min(1.0, float(2 * s2 / c0**2))
+        assert losses[1e30] == pytest.approx(losses[None], rel=1e-12)
+        assert losses[1.0] == pytest.approx(w * losses[None], rel=1e-6), step
+    monkeypatch.setattr(torch, "randint", randint)
