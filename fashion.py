@@ -12,9 +12,10 @@ model get the even width whose parameter count is closest to vanilla's (unet.mat
 if SMD is still larger, a vanilla model at SMD's size is trained too. The timesteps and the
 noise come from torch's global RNG, seeded alike for every model (the SMD and categorical
 losses draw more from it, so they match vanilla's only at the first step). Vanilla and SMD
-predict eps as in the paper; --objective v gives them the categorical model's v (at T = 2 the
-first step's x0 = (x_T - sqrt(1 - abar) eps_hat) / sqrt(abar), abar = 4e-5, multiplies eps's
-error by 158: with eps the T = 2 samples are clipped noise whatever the model).
+predict eps as in the paper (--objective v: v, as the categorical model). At T = 2 Algorithm
+1's loss weighs the first step's error in x0 by abar / (1 - abar) = 4e-5 (eps or v), and with
+eps that step multiplies eps's error by 157: their samples are noise. --components 1 is the
+control: one Gaussian per step trained by its exact likelihood (Gamma_t kept).
 
 Data: the 28x28 images padded to 32x32 (data.py), average-pooled 2x2 to 16x16 and rounded to
 uint8; models see x / 127.5 - 1, samples go back through data.to_uint8.
