@@ -22,7 +22,7 @@ import tempfile
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 SYSTEM_DIRS = {"fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}   # Debian's dataset-fashion-mnist
 IMAGE_EXTS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid's list
@@ -276,3 +276,25 @@ def atomic_write(path, write):
 def save_npz(images, path):
     """images (uint8 NHWC) under the key 'images', written atomically."""
     atomic_write(path, lambda f: np.savez(f, images=images))
+
+
+def figure(names, Ts, cell, caption, path, note=None, gap=12, left=130, top=22, foot=14):
+    """A PNG of sample grids, one row per name and one column per chain length T: cell(name, T)
+    is a PIL image or None (an empty cell), caption(name, T) the line under it, `note` a red line
+    at the bottom. templates.py and fashion.py draw their figures with it."""
+    cells = {(n, T): cell(n, T) for n in names for T in Ts}
+    size = next(c.size[0] for c in cells.values() if c is not None)
+    img = Image.new("RGB", (left + len(Ts) * (size + gap), top + len(names) * (size + foot + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for j, T in enumerate(Ts):
+        draw.text((left + j * (size + gap) + size // 2 - 14, 6), f"T = {T}", fill=0)
+    for i, name in enumerate(names):
+        y = top + i * (size + foot + gap)
+        draw.text((4, y + size // 2 - 6), name, fill=0)
+        for j, T in enumerate(Ts):
+            if cells[(name, T)] is not None:
+                img.paste(cells[(name, T)].convert("RGB"), (left + j * (size + gap), y))
+                draw.text((left + j * (size + gap), y + size + 1), caption(name, T), fill=(90, 90, 90))
+    if note:
+        draw.text((4, img.size[1] - 12), note, fill=(220, 0, 0))
+    img.save(path, optimize=True)

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import cli
 import data
@@ -319,26 +319,17 @@ def tile(x, scale=2, pad=1):
     return grid
 
 
-def figure(rows, samples, path, gap=12, left=130, top=22, foot=14):
+def figure(rows, samples, path):
     """Rows = data and models, columns = T; under each cell its FID (else FD-clf) and confident share."""
     Ts = sorted({r["T"] for r in rows if r["T"]})
     names = ["data"] + list(dict.fromkeys(r["model"] for r in rows if r["T"]))
-    cell = tile(samples[("data", 0)]).size[0]
-    img = Image.new("RGB", (left + len(Ts) * (cell + gap), top + len(names) * (cell + foot + gap)), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    for j, T in enumerate(Ts):
-        draw.text((left + j * (cell + gap) + cell // 2 - 14, 6), f"T = {T}", fill=0)
-    for i, name in enumerate(names):
-        y = top + i * (cell + foot + gap)
-        draw.text((4, y + cell // 2 - 6), name, fill=0)
-        for j, T in enumerate(Ts):
-            r = next((r for r in rows if r["model"] == name and r["T"] in (T, 0)), None)
-            if r is None:
-                continue
-            img.paste(tile(samples[(name, r["T"])]).convert("RGB"), (left + j * (cell + gap), y))
-            score = f"FID {r['fid']:.1f}" if "fid" in r else f"FDc {r['fd_clf']:.1f}"
-            draw.text((left + j * (cell + gap), y + cell + 1), f"{score} conf {r['confident']:.2f}", fill=(90, 90, 90))
-    img.save(path, optimize=True)
+    row = lambda name, T: next((r for r in rows if r["model"] == name and r["T"] in (T, 0)), None)
+
+    def caption(name, T):
+        r = row(name, T)
+        return (f"FID {r['fid']:.1f}" if "fid" in r else f"FDc {r['fd_clf']:.1f}") + f" conf {r['confident']:.2f}"
+    data.figure(names, Ts, lambda name, T: tile(samples[(name, row(name, T)["T"])]) if row(name, T) else None,
+                caption, path)
 
 # -----------------------------------------------------------------------------
 # the command line: everything checked before the work

@@ -31,9 +31,10 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import cli
+import data
 import gmm
 import smd
 from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, temperature
@@ -224,25 +225,14 @@ def tile(x, scale=2, pad=1):
     return grid
 
 
-def figure(rows, samples, path, gap=12, left=120, top=22, foot=14):
+def figure(rows, samples, path):
     """Rows = data and models, columns = T; under each cell: blended share / templates covered."""
     Ts = sorted({r["T"] for r in rows if r["T"]})
     names = ["data"] + list(dict.fromkeys(r["model"] for r in rows if r["T"]))
-    cell = tile(samples[("data", 0)]).size[0]
-    img = Image.new("RGB", (left + len(Ts) * (cell + gap), top + len(names) * (cell + foot + gap)), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    for j, T in enumerate(Ts):
-        draw.text((left + j * (cell + gap) + cell // 2 - 14, 6), f"T = {T}", fill=0)
-    for i, name in enumerate(names):
-        y = top + i * (cell + foot + gap)
-        draw.text((4, y + cell // 2 - 6), name, fill=0)
-        for j, T in enumerate(Ts):
-            r = next(r for r in rows if r["model"] == name and r["T"] in (T, 0))
-            img.paste(tile(samples[(name, r["T"])]), (left + j * (cell + gap), y))
-            draw.text((left + j * (cell + gap), y + cell + 1),
-                      f"blend {r['blended']:.2f}  cov {r['coverage']}", fill=(90, 90, 90))
-    draw.text((4, img.size[1] - 12), f"red frame: > {BLEND:g} std from every template", fill=(220, 0, 0))
-    img.save(path, optimize=True)
+    row = lambda name, T: next(r for r in rows if r["model"] == name and r["T"] in (T, 0))
+    data.figure(names, Ts, lambda name, T: tile(samples[(name, row(name, T)["T"])]),
+                lambda name, T: f"blend {row(name, T)['blended']:.2f}  cov {row(name, T)['coverage']}", path,
+                note=f"red frame: > {BLEND:g} std from every template", left=120)
 
 
 def get_parser():
