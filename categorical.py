@@ -96,9 +96,9 @@ class CategoricalDiffusion(Diffusion):
     """The same chain as smd.Diffusion; its loss is the exact mixture likelihood (each step's
     weighted by `capped_weight` if `cap` is set) and its sampler picks a component at every step."""
 
-    def __init__(self, T=1000, schedule="linear", objective="eps", cap=None):
+    def __init__(self, T=1000, schedule="linear", objective="eps", cap=None, mean_loss=0.0):
         super().__init__(T, schedule, objective)
-        self.cap = cap
+        self.cap, self.mean_loss = cap, mean_loss
 
     def loss(self, model, x0, tau=1.0):
         """-log p(x_{t-1} | x_t) per dimension, exactly (logsumexp over the K components), for
@@ -112,7 +112,11 @@ class CategoricalDiffusion(Diffusion):
         their own term: the mixture log-density with means and weights held fixed (stop-gradient,
         as improved DDPM's L_hybrid), so a wide variance cannot stand in for a wrong mean. With
         tau > 1 the first term is -tau logsumexp(log N_k / tau) (see `temperature`). With `cap`, each
-        step's NLL (both terms) is multiplied by capped_weight(c0, sigma_t^2, cap)."""
+        step's NLL (both terms) is multiplied by capped_weight(c0, sigma_t^2, cap). With `mean_loss`
+        lambda > 0, lambda times Algorithm 1's loss |eps - eps_bar|^2 on the mixture's mean
+        x0_bar = sum_k pi_k x0_hat_k is added: the exact posterior's mean is what that loss
+        minimises, so it leaves the exact mixture optimal, and it pulls every component that pi
+        keeps towards the data at steps where the posterior has one mode."""
         B = x0.shape[0]
         t = torch.randint(0, self.T, (B,), device=x0.device)
         eps = torch.randn_like(x0)
@@ -135,7 +139,13 @@ class CategoricalDiffusion(Diffusion):
             log_s2 = torch.lerp(s2.log(), beta.log(), torch.sigmoid(var_logits.double()))
             r2 = bt * xi.pow(2).sum(2) - 2 * c0 * bt.sqrt() * dxi.detach() + c0**2 * dd.detach()
             nll = nll - torch.logsumexp(log_pi.detach() - r2 / (2 * log_s2.exp()) - 0.5 * d.shape[2] * log_s2, 1)
-        return (w * nll).mean().float() / d.shape[2]
+        loss = (w * nll).mean() / d.shape[2]
+        if self.mean_loss:   # Algorithm 1, line 5, on the mixture's mean prediction
+            x0_bar = (log_pi.exp().view(B, -1, *[1] * (x0.dim() - 1)) * x0_k).sum(1)   # sum_k pi_k x0_hat_k
+            ab = self.alphas_cumprod[t].view(B, *[1] * (x0.dim() - 1))
+            eps_bar = (x_t - ab.sqrt() * x0_bar) / (1 - ab).sqrt()
+            loss = loss + self.mean_loss * (eps - eps_bar).pow(2).mean()
+        return loss.float()
 
     @torch.no_grad()
     def sample(self, model, shape, steps=None, var="small", generator=None, x_T=None, update=None):

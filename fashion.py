@@ -229,7 +229,7 @@ def model_specs(args):
         if size > target and w != args.width:
             specs[f"vanilla ch={w}{tag}"] = (config(args, w), obj)   # SMD's size
     if "categorical" in args.models:
-        kw = dict(components=args.components, learned_var=True)
+        kw = dict(components=args.components, learned_var=not args.fixed_var)
         specs[f"categorical K={args.components}"] = (config(args, match(**kw), **kw), "v")
     return specs
 
@@ -271,8 +271,8 @@ def sample(model, diffusion, n, size, var, generator, batch=512):
 def run_T(T, args, specs, ctx, rows, info, samples):
     gen = lambda s: torch.Generator().manual_seed(args.seed * 100003 + 1000 * T + s)
     for name, (cfg, objective) in specs.items():
-        chain = CategoricalDiffusion if isinstance(cfg, CategoricalConfig) else smd.Diffusion
-        diffusion = chain(T, objective=objective)
+        diffusion = CategoricalDiffusion(T, objective=objective, cap=args.nll_cap, mean_loss=args.mean_loss) \
+            if isinstance(cfg, CategoricalConfig) else smd.Diffusion(T, objective=objective)
         torch.manual_seed(args.seed)
         model, t0 = build(cfg), time.time()
         loss, ms = train(model, diffusion, ctx["x_train"], args, f"T={T} {name}")
@@ -349,13 +349,19 @@ def get_parser():
                    help="K of the categorical model (1: one Gaussian trained by its exact likelihood)")
     p.add_argument("--anneal", type=cli.temperature, default=1e6,
                    help="categorical: responsibilities' temperature from this to 1 over the first half (1: off)")
+    p.add_argument("--nll-cap", type=cli.positive_float, default=None,
+                   help="categorical: cap each step's NLL weight on |x0_hat - x0|^2 (categorical.capped_weight)")
+    p.add_argument("--mean-loss", type=cli.nonneg_float, default=0.0,
+                   help="categorical: + this x Algorithm 1's eps loss on the mixture's mean (sum_k pi_k x0_k)")
+    p.add_argument("--fixed-var", action="store_true",
+                   help="categorical: variances fixed at beta_tilde instead of learned")
     p.add_argument("--iters", type=cli.positive_int, default=1200, help="training steps per model")
     p.add_argument("--batch-size", type=cli.positive_int, default=64)
     p.add_argument("--lr", type=cli.positive_float, default=2e-3)
     p.add_argument("--objective", default="eps", choices=["eps", "v"],
                    help="vanilla and SMD: eps (Algorithm 1, the paper) or v (the categorical model's; stable at T=2)")
     p.add_argument("--var", default="small", choices=["small", "large"],
-                   help="sigma^2 of vanilla and SMD: small (beta~) or large (beta); categorical: its own")
+                   help="sigma^2 of vanilla, SMD and a --fixed-var categorical: small (beta~) or large (beta)")
     p.add_argument("--n", type=cli.int_at_least(2, "samples per model, the same for all; FID wants >= 2048"),
                    default=2048)
     p.add_argument("--fid-ref-n", type=cli.int_at_least(2, "test images for the FID reference"), default=10000)

@@ -112,7 +112,7 @@ def model_specs(args):
     obj = args.objective
     specs = {"vanilla": (config(args, args.ch), obj), "SMD": (config(args, width(**smd_kw), **smd_kw), obj)}
     for K in args.components:
-        kw = dict(components=K, learned_var=True)
+        kw = dict(components=K, learned_var=not args.fixed_var)
         specs[f"categorical K={K}"] = (config(args, width(**kw), **kw), "v")
     return specs
 
@@ -177,7 +177,7 @@ def run_T(T, args, specs, rows, info, samples):
     score("best Gaussian", dif_eps.sample(DATA.best_gaussian_model(dif_eps), x_T.shape, var=args.var, generator=g,
                                           x_T=x_T))
     for name, (cfg, objective) in specs.items():
-        diffusion = CategoricalDiffusion(T, objective=objective, cap=args.nll_cap) \
+        diffusion = CategoricalDiffusion(T, objective=objective, cap=args.nll_cap, mean_loss=args.mean_loss) \
             if isinstance(cfg, CategoricalConfig) else smd.Diffusion(T, objective=objective)
         torch.manual_seed(args.seed)
         model, t0 = build(cfg), time.time()
@@ -251,9 +251,13 @@ def get_parser():
                    help="categorical: responsibilities' temperature from this to 1 over the first half (1: off)")
     p.add_argument("--nll-cap", type=cli.positive_float, default=None,
                    help="categorical: cap each step's NLL weight on |x0_hat - x0|^2 (categorical.capped_weight)")
+    p.add_argument("--mean-loss", type=cli.nonneg_float, default=0.0,
+                   help="categorical: + this x Algorithm 1's eps loss on the mixture's mean (sum_k pi_k x0_k)")
+    p.add_argument("--fixed-var", action="store_true",
+                   help="categorical: variances fixed at beta_tilde instead of learned")
     p.add_argument("--objective", default="eps", choices=["eps", "v"], help="vanilla and SMD: eps (the paper) or v")
     p.add_argument("--var", default="small", choices=["small", "large"],
-                   help="sigma^2 of vanilla and SMD: small (beta~) or large (beta)")
+                   help="sigma^2 of vanilla, SMD and a --fixed-var categorical: small (beta~) or large (beta)")
     p.add_argument("--n", type=cli.int_at_least(16, "the figure shows 16"), default=2000,
                    help="samples per cell; also the rows of the gap, at most 2000")
     p.add_argument("--seed", type=cli.nonneg_int, default=0)

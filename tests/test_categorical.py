@@ -204,3 +204,39 @@ def test_capped_weight(monkeypatch):
         assert losses[1e30] == pytest.approx(losses[None], rel=1e-12)
         assert losses[1.0] == pytest.approx(w * losses[None], rel=1e-6), step
     monkeypatch.setattr(torch, "randint", randint)
+
+
+def test_mean_loss_is_algorithm_1_on_the_mixture_mean(monkeypatch):
+    """mean_loss = lambda adds lambda |eps - eps_bar|^2, eps_bar from x0_bar = sum_k pi_k x0_hat_k
+    (by hand here, every example at one t, the same draws); with K = 1 that term is Algorithm 1's
+    loss of the one component (smd.Diffusion.loss on the same draws)."""
+    x0 = torch.randn(64, 4, dtype=torch.float64).clamp(-1, 1)
+    model = Mixture(torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
+    randint = torch.randint
+    for step in (0, 5, 9):
+        monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: torch.full(size, step))
+        losses = {}
+        for lam in (0.0, 2.5):
+            torch.manual_seed(0)
+            losses[lam] = CategoricalDiffusion(T=10, objective="v", mean_loss=lam).loss(model, x0).item()
+        torch.manual_seed(0)
+        eps = torch.randn_like(x0)
+        d = CategoricalDiffusion(T=10, objective="v")
+        abar = d.alphas_cumprod[step]
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        x0_k = abar.sqrt() * x_t[:, None] - (1 - abar).sqrt() * model.out            # v -> x0, (B, K, D)
+        x0_bar = (model.logits.softmax(0)[None, :, None] * x0_k).sum(1)
+        eps_bar = (x_t - abar.sqrt() * x0_bar) / (1 - abar).sqrt()
+        assert losses[2.5] - losses[0.0] == pytest.approx(2.5 * (eps - eps_bar).pow(2).mean().item(), rel=1e-5)
+    monkeypatch.setattr(torch, "randint", randint)
+
+    eps_model = lambda x, t, eta=None: 0.7 * x + 0.01 * t[:, None].to(x.dtype)
+    d1 = CategoricalDiffusion(T=10, objective="eps", mean_loss=1.0)
+    d0 = CategoricalDiffusion(T=10, objective="eps")
+    torch.manual_seed(1)
+    with_mean = d1.loss(OneComponent(eps_model), x0).item()
+    torch.manual_seed(1)
+    without = d0.loss(OneComponent(eps_model), x0).item()
+    torch.manual_seed(1)
+    alg1 = smd.Diffusion(T=10, objective="eps").loss(eps_model, x0).item()
+    assert with_mean - without == pytest.approx(alg1, rel=1e-5)
