@@ -94,7 +94,8 @@ def temperature(step, total, tau0, frac=0.5):
 
 class CategoricalDiffusion(Diffusion):
     """The same chain as smd.Diffusion; its loss is the exact mixture likelihood (each step's
-    weighted by `capped_weight` if `cap` is set) and its sampler picks a component at every step."""
+    weighted by `capped_weight` if `cap` is set; plus `mean_loss` x Algorithm 1's loss on the
+    mixture's mean) and its sampler picks a component at every step."""
 
     def __init__(self, T=1000, schedule="linear", objective="eps", cap=None, mean_loss=0.0):
         super().__init__(T, schedule, objective)
@@ -140,7 +141,7 @@ class CategoricalDiffusion(Diffusion):
             r2 = bt * xi.pow(2).sum(2) - 2 * c0 * bt.sqrt() * dxi.detach() + c0**2 * dd.detach()
             nll = nll - torch.logsumexp(log_pi.detach() - r2 / (2 * log_s2.exp()) - 0.5 * d.shape[2] * log_s2, 1)
         loss = (w * nll).mean() / d.shape[2]
-        if self.mean_loss:   # Algorithm 1, line 5, on the mixture's mean prediction
+        if self.mean_loss:   # Algorithm 1's loss (line 9) on the mixture's mean prediction
             x0_bar = (log_pi.exp().view(B, -1, *[1] * (x0.dim() - 1)) * x0_k).sum(1)   # sum_k pi_k x0_hat_k
             ab = self.alphas_cumprod[t].view(B, *[1] * (x0.dim() - 1))
             eps_bar = (x_t - ab.sqrt() * x0_bar) / (1 - ab).sqrt()

@@ -18,6 +18,8 @@ prediction is from the best Gaussian denoiser (0 = a perfectly trained vanilla m
     python templates.py --json assets/templates/templates_results.json --png assets/templates/templates.png
                                                    # ~23 min, 1 core
     python templates.py --T 5 --components 4,16 --iters 500 --n 500 --png '' --json ''
+    python templates.py --T 5 --fixed-var --mean-loss 1        # T = 5's best categorical setting
+    python templates.py --T 10 --fixed-var --mean-loss 1 --nll-cap 1   # T = 10's
 
 Every flag and output path is checked before training. Widths are matched by unet.matched_width
 (the even width whose parameter count is closest to vanilla's).
