@@ -173,3 +173,15 @@ def fmt_time(s):
 def int_at_least(low, why):
     """An argparse type: an integer >= low; `why` says what the bound is for."""
     return _number(int, low, what=f"give an integer >= {low} ({why})")
+
+
+def add_categorical_flags(p):
+    """The categorical model's training options (categorical.py), as templates.py and fashion.py take them."""
+    p.add_argument("--anneal", type=temperature, default=1e6,
+                   help="categorical: responsibilities' temperature from this to 1 over the first half (1: off)")
+    p.add_argument("--nll-cap", type=positive_float, default=None,
+                   help="categorical: cap each step's NLL weight on |x0_hat - x0|^2 (categorical.capped_weight)")
+    p.add_argument("--mean-loss", type=nonneg_float, default=0.0,
+                   help="categorical: + this x Algorithm 1's eps loss on the mixture's mean (sum_k pi_k x0_k)")
+    p.add_argument("--fixed-var", action="store_true",
+                   help="categorical: variances fixed at beta_tilde instead of learned")

@@ -347,14 +347,7 @@ def get_parser():
     p.add_argument("--latent-dim", type=cli.positive_int, default=16, help="SMD's eta and z_t")
     p.add_argument("--components", type=cli.positive_int, default=10,
                    help="K of the categorical model (1: one Gaussian trained by its exact likelihood)")
-    p.add_argument("--anneal", type=cli.temperature, default=1e6,
-                   help="categorical: responsibilities' temperature from this to 1 over the first half (1: off)")
-    p.add_argument("--nll-cap", type=cli.positive_float, default=None,
-                   help="categorical: cap each step's NLL weight on |x0_hat - x0|^2 (categorical.capped_weight)")
-    p.add_argument("--mean-loss", type=cli.nonneg_float, default=0.0,
-                   help="categorical: + this x Algorithm 1's eps loss on the mixture's mean (sum_k pi_k x0_k)")
-    p.add_argument("--fixed-var", action="store_true",
-                   help="categorical: variances fixed at beta_tilde instead of learned")
+    cli.add_categorical_flags(p)
     p.add_argument("--iters", type=cli.positive_int, default=1200, help="training steps per model")
     p.add_argument("--batch-size", type=cli.positive_int, default=64)
     p.add_argument("--lr", type=cli.positive_float, default=2e-3)

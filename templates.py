@@ -249,14 +249,7 @@ def get_parser():
     p.add_argument("--iters", type=cli.positive_int, default=1200)
     p.add_argument("--batch-size", type=cli.positive_int, default=64)
     p.add_argument("--lr", type=cli.positive_float, default=4e-3)
-    p.add_argument("--anneal", type=cli.temperature, default=1e6,
-                   help="categorical: responsibilities' temperature from this to 1 over the first half (1: off)")
-    p.add_argument("--nll-cap", type=cli.positive_float, default=None,
-                   help="categorical: cap each step's NLL weight on |x0_hat - x0|^2 (categorical.capped_weight)")
-    p.add_argument("--mean-loss", type=cli.nonneg_float, default=0.0,
-                   help="categorical: + this x Algorithm 1's eps loss on the mixture's mean (sum_k pi_k x0_k)")
-    p.add_argument("--fixed-var", action="store_true",
-                   help="categorical: variances fixed at beta_tilde instead of learned")
+    cli.add_categorical_flags(p)
     p.add_argument("--objective", default="eps", choices=["eps", "v"], help="vanilla and SMD: eps (the paper) or v")
     p.add_argument("--var", default="small", choices=["small", "large"],
                    help="sigma^2 of vanilla, SMD and a --fixed-var categorical: small (beta~) or large (beta)")
