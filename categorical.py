@@ -143,7 +143,7 @@ class CategoricalDiffusion(Diffusion):
         loss = (w * nll).mean() / d.shape[2]
         if self.mean_loss:   # Algorithm 1's loss (line 9) on the mixture's mean prediction
             x0_bar = (log_pi.exp().view(B, -1, *[1] * (x0.dim() - 1)) * x0_k).sum(1)   # sum_k pi_k x0_hat_k
-            ab = self.alphas_cumprod[t].view(B, *[1] * (x0.dim() - 1))
+            ab = abar.view(B, *[1] * (x0.dim() - 1))
             eps_bar = (x_t - ab.sqrt() * x0_bar) / (1 - ab).sqrt()
             loss = loss + self.mean_loss * (eps - eps_bar).pow(2).mean()
         return loss.float()

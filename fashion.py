@@ -437,8 +437,7 @@ def main(argv=None):
     if args.json:
         result = dict(config=vars(args), classifier=classifier, models=info, rows=rows, seconds=time.time() - t0,
                       torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count())
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        data.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
     if args.png:   # last: a bad path costs no results
         figure(rows, samples, args.png)
     return rows

@@ -283,8 +283,8 @@ def main(argv=None):
     print(table(rows))
     print(f"total {time.time() - t0:.0f}s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(config=vars(args), models=info, rows=rows, seconds=time.time() - t0), f, indent=1)
+        result = dict(config=vars(args), models=info, rows=rows, seconds=time.time() - t0)
+        data.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
     if args.png:   # last: a bad path costs no results
         figure(rows, samples, args.png)
 
