@@ -292,8 +292,7 @@ def mean_loss(loss_sum, first_bad, n, world, saved, ckpt_path, reduce=True):
 
 
 def open_run(args, explicit, ckpt_path, world, master):
-    """Check every flag once, with the values --resume restores, then lock the run folder.
-    Returns the checkpoint to resume, or None."""
+    """Check every flag once, with the values --resume restores, then lock the run folder; the checkpoint or None."""
     cli.writable_dir(PROG, args.out_dir, "--out-dir")
     ckpt, stored = resume(args, explicit, ckpt_path) if args.resume else (None, [])
     if ckpt is None and os.path.exists(ckpt_path):
