@@ -28,6 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import cli
+import data
 import inception
 import smd
 from unet import UNet, UNetConfig
@@ -266,9 +267,9 @@ def main(argv=None):
     # report
     report(rows, fid_img_s, args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=name, threads=threads, config=dataclasses.asdict(config), args=vars(args), rows=rows,
-                           fid_img_s=fid_img_s), f, indent=1)
+        result = dict(device=name, threads=threads, config=dataclasses.asdict(config), args=vars(args), rows=rows,
+                      fid_img_s=fid_img_s)
+        data.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
     return rows, fid_img_s
 
 

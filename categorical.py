@@ -76,6 +76,24 @@ class CategoricalUNet(UNet):
         out = self.out(h).view(x.shape[0], K, self.channels, self.image_size, self.image_size)
         return out, head[:, :K], head[:, K:] if self.config.learned_var else None
 
+    @torch.no_grad()
+    def copy_component(self, src, dst, optimizer=None, noise=0.05):
+        """Component dst becomes a copy of src (its slice of the output conv, perturbed by `noise`
+        relative, so that the two can part; its logit and variance rows of the head; their Adam
+        moments), the two sharing src's pi."""
+        C, K = self.channels, self.components
+        conv, head = self.out[-1], self.head[-1]
+        rows = [(conv.weight, src * C, dst * C, C), (conv.bias, src * C, dst * C, C),
+                (head.weight, src, dst, 1), (head.bias, src, dst, 1)]
+        if self.config.learned_var:
+            rows += [(head.weight, K + src, K + dst, 1), (head.bias, K + src, K + dst, 1)]
+        for p, s, d, n in rows:
+            state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            for x in [p] + [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]:
+                x[d:d + n] = x[s:s + n]
+        conv.weight[dst * C:(dst + 1) * C] *= 1 + noise * torch.randn_like(conv.weight[dst * C:(dst + 1) * C])
+        head.bias[[src, dst]] -= math.log(2)
+
 
 def capped_weight(c0, s2, cap):
     """w_t = min(1, cap / (c0^2 / (2 sigma_t^2))): the exact NLL's own weight on |x0_hat - x_0|^2,
@@ -92,6 +110,12 @@ def temperature(step, total, tau0, frac=0.5):
     return tau0 ** max(0.0, 1 - step / (frac * total)) if tau0 > 1 else 1.0
 
 
+def split_due(step, total, frac=0.5):
+    """Whether CategoricalDiffusion.split_blends runs at this training step: every total/20 steps
+    from the end of annealing (`frac`, as `temperature`) until 80% of training."""
+    return frac * total <= step < 0.8 * total and step % max(1, total // 20) == 0
+
+
 class CategoricalDiffusion(Diffusion):
     """The same chain as smd.Diffusion; its loss is the exact mixture likelihood (each step's
     weighted by `capped_weight` if `cap` is set; plus `mean_loss` x Algorithm 1's loss on the
@@ -100,6 +124,14 @@ class CategoricalDiffusion(Diffusion):
     def __init__(self, T=1000, schedule="linear", objective="eps", cap=None, mean_loss=0.0):
         super().__init__(T, schedule, objective)
         self.cap, self.mean_loss = cap, mean_loss
+
+    def step_terms(self, t):
+        """At timesteps t: abar_t, beta_t, c0 (x_0's coefficient in the posterior mean, Eq. 7),
+        beta_tilde_t and sigma_t^2 = beta_tilde_t clipped at t = 0 to its t = 1 value."""
+        abar, beta = self.alphas_cumprod[t], self.betas[t]
+        c0, _, bt = posterior(abar, abar / (1 - beta))
+        bt1 = posterior(self.alphas_cumprod[1], self.alphas_cumprod[0])[2]
+        return abar, beta, c0, bt, torch.where(t == 0, bt1, bt)
 
     def loss(self, model, x0, tau=1.0):
         """-log p(x_{t-1} | x_t) per dimension, exactly (logsumexp over the K components), for
@@ -123,10 +155,7 @@ class CategoricalDiffusion(Diffusion):
         eps = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, eps)
         out, logits, var_logits = model(x_t, t)
-        abar, beta = self.alphas_cumprod[t], self.betas[t]
-        c0, _, bt = posterior(abar, abar / (1 - beta))
-        bt1 = posterior(self.alphas_cumprod[1], self.alphas_cumprod[0])[2]
-        s2 = torch.where(t == 0, bt1, bt)                                     # sigma_t^2, clipped at t = 0
+        abar, beta, c0, bt, s2 = self.step_terms(t)
         w = capped_weight(c0, s2, self.cap) if self.cap else 1.0              # (B,): the step's weight
         x0_k = self.x0_from(out.double(), x_t[:, None].double(), abar.view(B, *[1] * (out.dim() - 1)))
         d = (x0_k - x0[:, None].double()).flatten(2)                         # (B, K, D)
@@ -147,6 +176,35 @@ class CategoricalDiffusion(Diffusion):
             eps_bar = (x_t - ab.sqrt() * x0_bar) / (1 - ab).sqrt()
             loss = loss + self.mean_loss * (eps - eps_bar).pow(2).mean()
         return loss.float()
+
+    @torch.no_grad()
+    def split_blends(self, model, x0, optimizer=None):
+        """The split move of split-and-merge EM (Ueda et al. 2000) against the local optimum that
+        annealing can still leave: one component on two modes (a blend) while another wins no
+        example (dead). Each of x0's examples, noised to every step t, goes to its most responsible
+        component, argmax_k log pi_k - c0^2 |x0_hat_k - x_0|^2 / (2 sigma_t^2) (the loss's energies
+        without the xi term); a component's load is the sum of its examples' energies, each over
+        the mean at its step. Every dead component becomes a copy of the one with the largest load
+        (CategoricalUNet.copy_component), whose load then halves. Returns the (src, dst) pairs."""
+        B, T = x0.shape[0], self.T
+        t = torch.arange(T, device=x0.device).repeat_interleave(B)
+        x0 = x0.repeat(T, *[1] * (x0.dim() - 1))
+        x_t = self.q_sample(x0, t, torch.randn_like(x0))
+        out, logits, _ = model(x_t, t)
+        abar, _, c0, _, s2 = self.step_terms(t)
+        x0_k = self.x0_from(out.double(), x_t[:, None].double(), abar.view(-1, *[1] * (out.dim() - 1)))
+        energy = (c0**2 / (2 * s2)).view(-1, 1) * (x0_k - x0[:, None].double()).flatten(2).pow(2).sum(2)
+        k = (F.log_softmax(logits.double(), 1) - energy).argmax(1)
+        e = energy.gather(1, k[:, None]).view(T, B)
+        load = torch.zeros(out.shape[1], dtype=e.dtype, device=e.device)
+        load.index_add_(0, k, (e / e.mean(1, keepdim=True).clamp_min(1e-12)).flatten())
+        pairs = []
+        for dst in (torch.bincount(k, minlength=out.shape[1]) == 0).nonzero()[:, 0].tolist():
+            src = int(load.argmax())
+            model.copy_component(src, dst, optimizer)
+            load[src] /= 2
+            pairs.append((src, dst))
+        return pairs
 
     @torch.no_grad()
     def sample(self, model, shape, steps=None, var="small", generator=None, x_T=None, update=None):

@@ -185,3 +185,5 @@ def add_categorical_flags(p):
                    help="categorical: + this x Algorithm 1's eps loss on the mixture's mean (sum_k pi_k x0_k)")
     p.add_argument("--fixed-var", action="store_true",
                    help="categorical: variances fixed at beta_tilde instead of learned")
+    p.add_argument("--split", action="store_true",
+                   help="categorical: after annealing, dead components become copies of blends (split_blends)")

@@ -69,7 +69,7 @@ import data
 import fid
 import inception
 import smd
-from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, temperature
+from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, split_due, temperature
 from unet import UNet, UNetConfig, matched_width, n_params
 
 PROG = "fashion.py"
@@ -237,10 +237,11 @@ def model_specs(args):
 def train(model, diffusion, x, args, label):
     """Algorithm 1 (smd.train_step: grad clip 1, AdamW) with a linear warm-up and cosine decay
     on batches of the uint8 images x drawn by their own generator, the same for every model.
-    A categorical model's responsibilities are annealed. Returns (mean loss of the last 10% of
-    steps, ms per step)."""
+    A categorical model's responsibilities are annealed (and with --split its dead components
+    revived). Returns (mean loss of the last 10% of steps, ms per step)."""
     opt = smd.make_optimizer(model, args.lr, "cpu")
     batches, losses, warm = torch.Generator().manual_seed(args.seed), [], max(1, args.iters // 20)
+    splits = torch.Generator().manual_seed(args.seed + 1)   # --split's examples, apart from the batches
     t0, every = time.time(), max(1, args.iters // 10)
     for it in range(args.iters):
         for g in opt.param_groups:
@@ -248,6 +249,8 @@ def train(model, diffusion, x, args, label):
         loss_args = {"tau": temperature(it, args.iters, args.anneal)} if isinstance(diffusion, CategoricalDiffusion) \
             else {}
         x0 = to_model(x[torch.randint(len(x), (args.batch_size,), generator=batches)])
+        if args.split and isinstance(diffusion, CategoricalDiffusion) and split_due(it, args.iters):
+            diffusion.split_blends(model, to_model(x[torch.randint(len(x), (512,), generator=splits)]), opt)
         losses.append(smd.train_step(model, diffusion, opt, x0, **loss_args).item())
         if (it + 1) % every == 0 and it + 1 < args.iters:
             s = time.time() - t0

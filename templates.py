@@ -39,7 +39,7 @@ import cli
 import data
 import gmm
 import smd
-from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, temperature
+from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, split_due, temperature
 from unet import UNet, UNetConfig, matched_width, n_params
 
 # -----------------------------------------------------------------------------
@@ -122,15 +122,19 @@ def model_specs(args):
 def train(model, diffusion, args, seed):
     """Algorithm 1 (smd.train_step: grad clip 1, AdamW) with a linear warm-up and cosine decay;
     the batches come from their own generator, the same for every model. Returns the mean loss
-    of the last 10% of steps. A categorical model's responsibilities are annealed (temperature)."""
+    of the last 10% of steps. A categorical model's responsibilities are annealed (temperature)
+    and, with --split, its dead components revived (split_blends)."""
     opt = smd.make_optimizer(model, args.lr, "cpu")
     batches, losses, warm = torch.Generator().manual_seed(seed), [], max(1, args.iters // 20)
+    splits = torch.Generator().manual_seed(seed + 1)   # --split's examples, apart from the batches
     for it in range(args.iters):
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / args.iters))
         loss_args = {"tau": temperature(it, args.iters, args.anneal)} if isinstance(diffusion, CategoricalDiffusion) \
             else {}
         x0 = images(DATA.sample(args.batch_size, batches))
+        if args.split and isinstance(diffusion, CategoricalDiffusion) and split_due(it, args.iters):
+            diffusion.split_blends(model, images(DATA.sample(512, splits)), opt)
         losses.append(smd.train_step(model, diffusion, opt, x0, **loss_args).item())
     return float(np.mean(losses[-max(1, args.iters // 10):]))
 

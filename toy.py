@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import cli
+import data
 import gmm
 import smd
 from categorical import CategoricalDiffusion, temperature
@@ -376,8 +377,8 @@ def main(argv=None):
     print(table(rows))
     print(f"total {time.time() - t0:.0f}s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(config=vars(args), models=infos, rows=rows, seconds=time.time() - t0), f, indent=1)
+        result = dict(config=vars(args), models=infos, rows=rows, seconds=time.time() - t0)
+        data.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
     if args.png:   # last: a bad path costs no results
         figure(first, args.png)
 

@@ -240,3 +240,69 @@ def test_mean_loss_is_algorithm_1_on_the_mixture_mean(monkeypatch):
     torch.manual_seed(1)
     alg1 = smd.Diffusion(T=10, objective="eps").loss(eps_model, x0).item()
     assert with_mean - without == pytest.approx(alg1, rel=1e-5)
+
+
+class FixedX0(torch.nn.Module):
+    """Components whose x0_hat_k are given points m (K, D) at every x_t and t (through the v
+    objective); copy_component is recorded, not done."""
+
+    def __init__(self, d, m):
+        super().__init__()
+        self.d, self.m, self.copies = d, m, []
+
+    def forward(self, x, t, eta=None):
+        a = self.d.alphas_cumprod[t].view(-1, 1, 1)
+        out = (a.sqrt() * x[:, None] - self.m[None]) / (1 - a).sqrt()   # x0_from(out) = m
+        return out, torch.zeros(len(x), len(self.m), dtype=x.dtype), None
+
+    def copy_component(self, src, dst, optimizer=None):
+        self.copies.append((src, dst, optimizer))
+
+
+def test_split_blends_copies_the_blend_into_the_dead_component():
+    """Two modes A and B; component 0 on A, component 1 on their average (a blend: it wins B's
+    examples), component 2 far from both (dead): the blend is copied into the dead one, at every
+    chain length. With one component per mode and none dead, nothing is split."""
+    A, B = torch.full((4,), 0.8, dtype=torch.float64), torch.full((4,), -0.8, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.cat([A.expand(32, 4), B.expand(32, 4)]) + 0.05 * torch.randn(64, 4, generator=g, dtype=torch.float64)
+    for T in (2, 5):
+        d = CategoricalDiffusion(T=T, objective="v")
+        model = FixedX0(d, torch.stack([A, (A + B) / 2, torch.full((4,), 5.0, dtype=torch.float64)]))
+        opt = object()
+        assert d.split_blends(model, x0, opt) == [(1, 2)] and model.copies == [(1, 2, opt)]
+        assert d.split_blends(FixedX0(d, torch.stack([A, B])), x0) == []
+
+
+def test_copy_component_copies_outputs_logits_variances_and_adam_moments():
+    """After copy_component(0, 2) without noise, component 2's predictions, logit and variance
+    logit are component 0's, the two logits lower by log 2 (their pi summed is the old pi_0's
+    share of the rest), Adam's moments copied; component 1 untouched. With noise the copy differs."""
+    torch.manual_seed(0)
+    m = CategoricalUNet(CategoricalConfig(image_size=8, channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1,
+                                          attn_res=(), dropout=0.0, components=3, learned_var=True))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 7, 9])
+    for _ in range(2):   # non-zero head weights and Adam moments
+        opt.zero_grad()
+        out, logits, v = m(x, t)
+        (out.square().mean() + logits[:, 0].mean() - v[:, 1].mean()).backward()
+        opt.step()
+    with torch.no_grad():
+        before = m(x, t)
+    m.copy_component(0, 2, opt, noise=0.0)
+    with torch.no_grad():
+        out, logits, v = m(x, t)
+    torch.testing.assert_close(out[:, 2], out[:, 0])
+    torch.testing.assert_close(out[:, :2], before[0][:, :2])
+    torch.testing.assert_close(logits[:, [0, 2]], before[1][:, [0, 0]] - math.log(2))
+    torch.testing.assert_close(logits[:, 1], before[1][:, 1])
+    torch.testing.assert_close(v[:, 2], v[:, 0])
+    torch.testing.assert_close(v[:, :2], before[2][:, :2])
+    conv = m.out[-1].weight
+    torch.testing.assert_close(opt.state[conv]["exp_avg"][2], opt.state[conv]["exp_avg"][0])
+    torch.testing.assert_close(opt.state[conv]["exp_avg_sq"][2], opt.state[conv]["exp_avg_sq"][0])
+    m.copy_component(1, 2, opt)
+    with torch.no_grad():
+        out = m(x, t)[0]
+    assert not torch.allclose(out[:, 2], out[:, 1]) and (out[:, 2] - out[:, 1]).abs().max() < 0.5 * out[:, 1].abs().max()

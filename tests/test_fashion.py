@@ -67,7 +67,7 @@ def test_tiny_end_to_end(tmp_path):
     fid_on = inception.find_fid_helper_weights() is not None
     out = tmp_path / "out"
     argv = ["--T", "2,3", "--iters", "2", "--batch-size", "4", "--n", "2", "--fid-ref-n", "2",
-            "--classifier-iters", "20", "--width", "8", "--latent-dim", "4", "--components", "2", "--threads", "1",
+            "--classifier-iters", "20", "--width", "8", "--latent-dim", "4", "--components", "2", "--split", "--threads", "1",
             "--out-dir", str(out)]
     fashion.main(argv + ([] if fid_on else ["--no-fid"]))
     res = json.loads((out / "fashion_results.json").read_text())

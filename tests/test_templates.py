@@ -66,10 +66,13 @@ def test_models_are_matched_and_the_gap_of_the_best_gaussian_is_zero():
                                    torch.Generator().manual_seed(3))[0] < 1e-8
 
 
-def test_tiny_end_to_end(tmp_path, capsys):
+def test_tiny_end_to_end(tmp_path, capsys, monkeypatch):
     out, png = tmp_path / "t.json", tmp_path / "t.png"
+    calls, split = [], tp.CategoricalDiffusion.split_blends
+    monkeypatch.setattr(tp.CategoricalDiffusion, "split_blends", lambda *a: calls.append(a[2].shape) or split(*a))
     tp.main(["--T", "2", "--iters", "3", "--batch-size", "8", "--n", "64", "--ch", "8", "--latent-dim", "4",
-             "--components", "3", "--json", str(out), "--png", str(png)])
+             "--components", "3", "--split", "--json", str(out), "--png", str(png)])
+    assert calls == [(512, 1, 16, 16)]   # --split: once (step 2 of 3), for the categorical model only
     res = json.loads(out.read_text())
     names = {(r["model"], r["T"]) for r in res["rows"]}
     assert names == {("data", 0), *((n, 2) for n in ("exact mixture", "best Gaussian", "vanilla", "SMD",
