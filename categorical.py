@@ -20,9 +20,11 @@ responsibilities are one-hot, a component that starts far from every mode never 
 anneals the responsibilities instead (deterministic annealing, Ueda & Nakano 1998): training
 starts with the energies divided by tau0 >> 1, every component feels every example, and the
 components split apart as tau falls to 1, where the loss is the exact likelihood again.
+Annealing can still end with a component on two modes and another dead; `split_blends` (--split)
+then makes the dead one a copy of the blend, and the pair parts (split-and-merge EM's split).
 
   CategoricalConfig, CategoricalUNet   the U-Net with K outputs and a head for the logits
-  CategoricalDiffusion                 `loss` (the exact mixture NLL) and `sample` (k ~ pi)
+  CategoricalDiffusion                 `loss` (the exact mixture NLL), `sample` (k ~ pi), `split_blends`
 
     python train.py --dataset fashion-mnist --categorical 10 --learned-var --anneal 1e6 --T 5
     python toy.py --T 5 --steps 5 --smd-objective categorical-var --width 160 --batch-size 512 --iters 24000
@@ -181,11 +183,14 @@ class CategoricalDiffusion(Diffusion):
     def split_blends(self, model, x0, optimizer=None):
         """The split move of split-and-merge EM (Ueda et al. 2000) against the local optimum that
         annealing can still leave: one component on two modes (a blend) while another wins no
-        example (dead). Each of x0's examples, noised to every step t, goes to its most responsible
-        component, argmax_k log pi_k - c0^2 |x0_hat_k - x_0|^2 / (2 sigma_t^2) (the loss's energies
-        without the xi term); a component's load is the sum of its examples' energies, each over
-        the mean at its step. Every dead component becomes a copy of the one with the largest load
-        (CategoricalUNet.copy_component), whose load then halves. Returns the (src, dst) pairs."""
+        example (dead). x0's examples are noised to every step t and each goes to its most
+        responsible component, argmax_k log pi_k - E_k with E_k = c0^2 |x0_hat_k - x_0|^2 /
+        (2 sigma_t^2) (the loss's energies without the xi term). At steps where the posterior has
+        one mode the components nearly coincide and who wins means little, so the move looks at
+        the step where the choice matters most: the largest mean (E_second - E_best) / E_best.
+        There every component that wins nothing becomes a copy of the one with the largest load
+        (sum of its examples' E_best; CategoricalUNet.copy_component), whose load then halves.
+        Returns the (src, dst) pairs."""
         B, T = x0.shape[0], self.T
         t = torch.arange(T, device=x0.device).repeat_interleave(B)
         x0 = x0.repeat(T, *[1] * (x0.dim() - 1))
@@ -194,12 +199,18 @@ class CategoricalDiffusion(Diffusion):
         abar, _, c0, _, s2 = self.step_terms(t)
         x0_k = self.x0_from(out.double(), x_t[:, None].double(), abar.view(-1, *[1] * (out.dim() - 1)))
         energy = (c0**2 / (2 * s2)).view(-1, 1) * (x0_k - x0[:, None].double()).flatten(2).pow(2).sum(2)
-        k = (F.log_softmax(logits.double(), 1) - energy).argmax(1)
-        e = energy.gather(1, k[:, None]).view(T, B)
-        load = torch.zeros(out.shape[1], dtype=e.dtype, device=e.device)
-        load.index_add_(0, k, (e / e.mean(1, keepdim=True).clamp_min(1e-12)).flatten())
+        K = out.shape[1]
+        if K < 2:
+            return []
+        score = (F.log_softmax(logits.double(), 1) - energy).view(T, B, K)
+        k = score.argmax(2)                                                  # (T, B): the winners
+        e = energy.view(T, B, K).gather(2, k[..., None])[..., 0]            # their energies
+        second = energy.view(T, B, K).scatter(2, k[..., None], math.inf).amin(2)
+        step = int(((second - e) / e.clamp_min(1e-12)).mean(1).argmax())   # where the choice matters most
+        k, e = k[step], e[step]
+        load = torch.zeros(K, dtype=e.dtype, device=e.device).index_add_(0, k, e)
         pairs = []
-        for dst in (torch.bincount(k, minlength=out.shape[1]) == 0).nonzero()[:, 0].tolist():
+        for dst in (torch.bincount(k, minlength=K) == 0).nonzero()[:, 0].tolist():
             src = int(load.argmax())
             model.copy_component(src, dst, optimizer)
             load[src] /= 2

@@ -244,15 +244,20 @@ def test_mean_loss_is_algorithm_1_on_the_mixture_mean(monkeypatch):
 
 class FixedX0(torch.nn.Module):
     """Components whose x0_hat_k are given points m (K, D) at every x_t and t (through the v
-    objective); copy_component is recorded, not done."""
+    objective), except, with `last`, at t = 0, where each is x_t plus its own small offset (they
+    nearly coincide there, and each wins some examples); copy_component is recorded, not done."""
 
-    def __init__(self, d, m):
+    def __init__(self, d, m, last=False):
         super().__init__()
-        self.d, self.m, self.copies = d, m, []
+        self.d, self.m, self.last, self.copies = d, m, last, []
+        self.offsets = 1e-3 * torch.randn(m.shape, generator=torch.Generator().manual_seed(1), dtype=m.dtype)
 
     def forward(self, x, t, eta=None):
         a = self.d.alphas_cumprod[t].view(-1, 1, 1)
-        out = (a.sqrt() * x[:, None] - self.m[None]) / (1 - a).sqrt()   # x0_from(out) = m
+        m = self.m[None].expand(len(x), -1, -1)
+        if self.last:
+            m = torch.where((t == 0).view(-1, 1, 1), x[:, None] + self.offsets[None], m)
+        out = (a.sqrt() * x[:, None] - m) / (1 - a).sqrt()   # x0_from(out) = m
         return out, torch.zeros(len(x), len(self.m), dtype=x.dtype), None
 
     def copy_component(self, src, dst, optimizer=None):
@@ -262,15 +267,17 @@ class FixedX0(torch.nn.Module):
 def test_split_blends_copies_the_blend_into_the_dead_component():
     """Two modes A and B; component 0 on A, component 1 on their average (a blend: it wins B's
     examples), component 2 far from both (dead): the blend is copied into the dead one, at every
-    chain length. With one component per mode and none dead, nothing is split."""
+    chain length, also when at the last step the three nearly coincide and each wins some examples
+    there. With one component per mode and none dead, nothing is split."""
     A, B = torch.full((4,), 0.8, dtype=torch.float64), torch.full((4,), -0.8, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     x0 = torch.cat([A.expand(32, 4), B.expand(32, 4)]) + 0.05 * torch.randn(64, 4, generator=g, dtype=torch.float64)
     for T in (2, 5):
         d = CategoricalDiffusion(T=T, objective="v")
-        model = FixedX0(d, torch.stack([A, (A + B) / 2, torch.full((4,), 5.0, dtype=torch.float64)]))
-        opt = object()
-        assert d.split_blends(model, x0, opt) == [(1, 2)] and model.copies == [(1, 2, opt)]
+        for last in (False, True):
+            model = FixedX0(d, torch.stack([A, (A + B) / 2, torch.full((4,), 5.0, dtype=torch.float64)]), last)
+            opt = object()
+            assert d.split_blends(model, x0, opt) == [(1, 2)] and model.copies == [(1, 2, opt)]
         assert d.split_blends(FixedX0(d, torch.stack([A, B])), x0) == []
 
 
