@@ -250,7 +250,9 @@ def train(model, diffusion, x, args, label):
             else {}
         x0 = to_model(x[torch.randint(len(x), (args.batch_size,), generator=batches)])
         if args.split and isinstance(diffusion, CategoricalDiffusion) and split_due(it, args.iters):
-            diffusion.split_blends(model, to_model(x[torch.randint(len(x), (512,), generator=splits)]), opt)
+            x_split = to_model(x[torch.randint(len(x), (512,), generator=splits)])
+            for src, dst in diffusion.split_blends(model, x_split, opt):
+                print(f"  {label}: step {it}: component {dst} (dead) <- a copy of {src}", flush=True)
         losses.append(smd.train_step(model, diffusion, opt, x0, **loss_args).item())
         if (it + 1) % every == 0 and it + 1 < args.iters:
             s = time.time() - t0

@@ -134,7 +134,8 @@ def train(model, diffusion, args, seed):
             else {}
         x0 = images(DATA.sample(args.batch_size, batches))
         if args.split and isinstance(diffusion, CategoricalDiffusion) and split_due(it, args.iters):
-            diffusion.split_blends(model, images(DATA.sample(512, splits)), opt)
+            for src, dst in diffusion.split_blends(model, images(DATA.sample(512, splits)), opt):
+                print(f"  step {it}: component {dst} (dead) <- a copy of {src} (a blend)", flush=True)
         losses.append(smd.train_step(model, diffusion, opt, x0, **loss_args).item())
     return float(np.mean(losses[-max(1, args.iters // 10):]))
 
