@@ -188,8 +188,9 @@ class CategoricalDiffusion(Diffusion):
         (2 sigma_t^2) (the loss's energies without the xi term). At steps where the posterior has
         one mode the components nearly coincide and who wins means little, so the move looks at
         the step where the choice matters most: the largest mean (E_second - E_best) / E_best.
-        There every component that wins nothing becomes a copy of the one with the largest load
-        (sum of its examples' E_best; CategoricalUNet.copy_component), whose load then halves.
+        There every component that wins nothing and fits no example better than the median example
+        is fitted (dead, not a near-copy of a winner) becomes a copy of the one with the largest
+        load (sum of its examples' E_best; CategoricalUNet.copy_component), whose load then halves.
         Returns the (src, dst) pairs."""
         B, T = x0.shape[0], self.T
         t = torch.arange(T, device=x0.device).repeat_interleave(B)
@@ -209,8 +210,10 @@ class CategoricalDiffusion(Diffusion):
         step = int(((second - e) / e.clamp_min(1e-12)).mean(1).argmax())   # where the choice matters most
         k, e = k[step], e[step]
         load = torch.zeros(K, dtype=e.dtype, device=e.device).index_add_(0, k, e)
+        fit = energy.view(T, B, K)[step].amin(0)          # each component's best fit to any example
+        dead = (torch.bincount(k, minlength=K) == 0) & (fit > e.median())   # not a near-copy of a winner
         pairs = []
-        for dst in (torch.bincount(k, minlength=K) == 0).nonzero()[:, 0].tolist():
+        for dst in dead.nonzero()[:, 0].tolist():
             src = int(load.argmax())
             model.copy_component(src, dst, optimizer)
             load[src] /= 2

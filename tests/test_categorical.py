@@ -268,7 +268,8 @@ def test_split_blends_copies_the_blend_into_the_dead_component():
     """Two modes A and B; component 0 on A, component 1 on their average (a blend: it wins B's
     examples), component 2 far from both (dead): the blend is copied into the dead one, at every
     chain length, also when at the last step the three nearly coincide and each wins some examples
-    there. With one component per mode and none dead, nothing is split."""
+    there. With one component per mode and none dead, nothing is split; nor when the third
+    component wins nothing as a copy of the first (not dead: it fits as well)."""
     A, B = torch.full((4,), 0.8, dtype=torch.float64), torch.full((4,), -0.8, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     x0 = torch.cat([A.expand(32, 4), B.expand(32, 4)]) + 0.05 * torch.randn(64, 4, generator=g, dtype=torch.float64)
@@ -279,6 +280,7 @@ def test_split_blends_copies_the_blend_into_the_dead_component():
             opt = object()
             assert d.split_blends(model, x0, opt) == [(1, 2)] and model.copies == [(1, 2, opt)]
         assert d.split_blends(FixedX0(d, torch.stack([A, B])), x0) == []
+        assert d.split_blends(FixedX0(d, torch.stack([A, B, A])), x0) == []   # a copy wins ties to none: not dead
 
 
 def test_copy_component_copies_outputs_logits_variances_and_adam_moments():
