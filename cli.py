@@ -186,4 +186,4 @@ def add_categorical_flags(p):
     p.add_argument("--fixed-var", action="store_true",
                    help="categorical: variances fixed at beta_tilde instead of learned")
     p.add_argument("--split", action="store_true",
-                   help="categorical: after annealing, dead components become copies of blends (split_blends)")
+                   help="categorical, T = 2: after annealing, dead components become copies of blends (split_blends)")

@@ -380,6 +380,9 @@ def check_args(args):
     """Every check that needs no data: one line on stderr and exit 2 on the first failure."""
     if min(args.T) < 2:
         cli.fail(PROG, f"--T {min(args.T)}: a chain needs at least 2 steps")
+    if args.split and max(args.T) > 2:
+        cli.fail(PROG, f"--split with --T {max(args.T)}: the split move is for 2-step chains, whose first step is "
+                 "one fixed mixture; on longer ones it copies components at every check (docs/templates.md)")
     if args.batch_size > 60000:
         cli.fail(PROG, f"--batch-size {args.batch_size}: the training set holds 60000 images")
     if args.n > 60000:

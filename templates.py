@@ -271,6 +271,9 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if min(args.T) < 2:
         cli.fail("templates.py", f"--T {min(args.T)}: a chain needs at least 2 steps")
+    if args.split and max(args.T) > 2:
+        cli.fail("templates.py", f"--split with --T {max(args.T)}: the split move is for 2-step chains, whose first "
+                 "step is one fixed mixture; on longer ones it copies components at every check (docs/templates.md)")
     if SIZE % 2 ** (len(args.ch_mult) - 1):
         cli.fail("templates.py", f"--ch-mult {args.ch_mult}: {SIZE}x{SIZE} images allow at most 5 levels")
     cli.writable_file("templates.py", args.json, "--json")

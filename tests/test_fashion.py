@@ -67,7 +67,7 @@ def test_tiny_end_to_end(tmp_path):
     fid_on = inception.find_fid_helper_weights() is not None
     out = tmp_path / "out"
     argv = ["--T", "2,3", "--iters", "2", "--batch-size", "4", "--n", "2", "--fid-ref-n", "2",
-            "--classifier-iters", "20", "--width", "8", "--latent-dim", "4", "--components", "2", "--split", "--threads", "1",
+            "--classifier-iters", "20", "--width", "8", "--latent-dim", "4", "--components", "2", "--threads", "1",
             "--out-dir", str(out)]
     fashion.main(argv + ([] if fid_on else ["--no-fid"]))
     res = json.loads((out / "fashion_results.json").read_text())
@@ -89,7 +89,7 @@ def test_tiny_end_to_end(tmp_path):
     (["--fid-weights", "/nonexistent.pt"], "--fid-weights /nonexistent.pt: no such file"),
     (["--json", "/nonexistent/r.json"], "--json /nonexistent/r.json: the folder"),
     (["--objective", "x0"], "--objective: invalid choice"), (["--nll-cap", "0"], "--nll-cap: 0"),
-    (["--mean-loss", "-1"], "--mean-loss: -1"),
+    (["--mean-loss", "-1"], "--mean-loss: -1"), (["--split"], "--split with --T 10: the split move is for 2-step"),
 ])
 def test_bad_flags_refused_before_any_work(argv, says, capsys, monkeypatch):
     monkeypatch.setattr(fashion, "load_split", lambda *a: pytest.fail("read the data before checking its flags"))
