@@ -20,15 +20,15 @@ responsibilities are one-hot, a component that starts far from every mode never 
 anneals the responsibilities instead (deterministic annealing, Ueda & Nakano 1998): training
 starts with the energies divided by tau0 >> 1, every component feels every example, and the
 components split apart as tau falls to 1, where the loss is the exact likelihood again.
-Annealing can still end with a component on two modes and another dead; `split_blends` (--split)
-then makes the dead one a copy of the blend, and the pair parts (split-and-merge EM's split).
+Annealing can still end with a component on two modes and another dead; `split_blends` (--split,
+2-step chains) makes the dead one a copy of the blend, and the pair parts (split-and-merge EM).
 
   CategoricalConfig, CategoricalUNet   the U-Net with K outputs and a head for the logits
   CategoricalDiffusion                 `loss` (the exact mixture NLL), `sample` (k ~ pi), `split_blends`
 
     python train.py --dataset fashion-mnist --categorical 10 --learned-var --anneal 1e6 --T 5
     python toy.py --T 5 --steps 5 --smd-objective categorical-var --width 160 --batch-size 512 --iters 24000
-    python templates.py --T 2
+    python templates.py --T 2 --split
     python categorical.py            # the CIFAR-10 categorical U-Net's size
 """
 
