@@ -197,12 +197,12 @@ class CategoricalDiffusion(Diffusion):
         x0 = x0.repeat(T, *[1] * (x0.dim() - 1))
         x_t = self.q_sample(x0, t, torch.randn_like(x0))
         out, logits, _ = model(x_t, t)
-        abar, _, c0, _, s2 = self.step_terms(t)
-        x0_k = self.x0_from(out.double(), x_t[:, None].double(), abar.view(-1, *[1] * (out.dim() - 1)))
-        energy = (c0**2 / (2 * s2)).view(-1, 1) * (x0_k - x0[:, None].double()).flatten(2).pow(2).sum(2)
         K = out.shape[1]
         if K < 2:
             return []
+        abar, _, c0, _, s2 = self.step_terms(t)
+        x0_k = self.x0_from(out.double(), x_t[:, None].double(), abar.view(-1, *[1] * (out.dim() - 1)))
+        energy = (c0**2 / (2 * s2)).view(-1, 1) * (x0_k - x0[:, None].double()).flatten(2).pow(2).sum(2)
         score = (F.log_softmax(logits.double(), 1) - energy).view(T, B, K)
         k = score.argmax(2)                                                  # (T, B): the winners
         e = energy.view(T, B, K).gather(2, k[..., None])[..., 0]            # their energies
