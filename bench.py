@@ -18,7 +18,6 @@ several repeats. Every flag is checked before a model is built (a bad one: one l
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import statistics
 import time
@@ -269,7 +268,7 @@ def main(argv=None):
     if args.json:
         result = dict(device=name, threads=threads, config=dataclasses.asdict(config), args=vars(args), rows=rows,
                       fid_img_s=fid_img_s)
-        data.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        data.save_json(result, args.json)
     return rows, fid_img_s
 
 

@@ -112,12 +112,6 @@ def temperature(step, total, tau0, frac=0.5):
     return tau0 ** max(0.0, 1 - step / (frac * total)) if tau0 > 1 else 1.0
 
 
-def split_due(step, total, frac=0.5):
-    """Whether CategoricalDiffusion.split_blends runs at this training step: every total/20 steps
-    from the end of annealing (`frac`, as `temperature`) until 80% of training."""
-    return frac * total <= step < 0.8 * total and step % max(1, total // 20) == 0
-
-
 class CategoricalDiffusion(Diffusion):
     """The same chain as smd.Diffusion; its loss is the exact mixture likelihood (each step's
     weighted by `capped_weight` if `cap` is set; plus `mean_loss` x Algorithm 1's loss on the
@@ -203,14 +197,14 @@ class CategoricalDiffusion(Diffusion):
         abar, _, c0, _, s2 = self.step_terms(t)
         x0_k = self.x0_from(out.double(), x_t[:, None].double(), abar.view(-1, *[1] * (out.dim() - 1)))
         energy = (c0**2 / (2 * s2)).view(-1, 1) * (x0_k - x0[:, None].double()).flatten(2).pow(2).sum(2)
-        score = (F.log_softmax(logits.double(), 1) - energy).view(T, B, K)
-        k = score.argmax(2)                                                  # (T, B): the winners
-        e = energy.view(T, B, K).gather(2, k[..., None])[..., 0]            # their energies
-        second = energy.view(T, B, K).scatter(2, k[..., None], math.inf).amin(2)
+        energy = energy.view(T, B, K)
+        k = (F.log_softmax(logits.double(), 1).view(T, B, K) - energy).argmax(2)   # (T, B): the winners
+        e = energy.gather(2, k[..., None])[..., 0]                          # their energies
+        second = energy.scatter(2, k[..., None], math.inf).amin(2)
         step = int(((second - e) / e.clamp_min(1e-12)).mean(1).argmax())   # where the choice matters most
         k, e = k[step], e[step]
         load = torch.zeros(K, dtype=e.dtype, device=e.device).index_add_(0, k, e)
-        fit = energy.view(T, B, K)[step].amin(0)          # each component's best fit to any example
+        fit = energy[step].amin(0)                        # each component's best fit to any example
         dead = (torch.bincount(k, minlength=K) == 0) & (fit > e.median())   # not a near-copy of a winner
         pairs = []
         for dst in dead.nonzero()[:, 0].tolist():
@@ -247,6 +241,16 @@ class CategoricalDiffusion(Diffusion):
             mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)   # Alg. 2 line 7's mean
             x = mean + (0.5 * log_s2).exp().view(-1, *[1] * (x.dim() - 1)) * noise
         return x.clamp(-1, 1)
+
+
+def split_if_due(model, diffusion, optimizer, step, total, draw, label="", frac=0.5):
+    """--split in a training loop: every total/20 steps from the end of annealing (`frac`, as
+    `temperature`) until 80% of training, CategoricalDiffusion.split_blends on draw(512) fresh
+    examples, each split printed; nothing for a model that is not categorical."""
+    if isinstance(diffusion, CategoricalDiffusion) and frac * total <= step < 0.8 * total \
+            and step % max(1, total // 20) == 0:
+        for src, dst in diffusion.split_blends(model, draw(512), optimizer):
+            print(f"  {label}step {step}: component {dst} (dead) <- a copy of {src}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ fid.py reads the same images for reference statistics; sample.py saves through t
 """
 
 import gzip
+import json
 import math
 import os
 import pickle
@@ -271,6 +272,11 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_json(obj, path):
+    """obj as indented JSON, written atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def save_npz(images, path):

@@ -52,7 +52,6 @@ Outputs in --out-dir: fashion_results.json (all numbers, config, timings), fashi
 models, columns = T, 16 samples each) and the cached FID reference statistics.
 """
 
-import json
 import math
 import os
 import time
@@ -69,7 +68,7 @@ import data
 import fid
 import inception
 import smd
-from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, split_due, temperature
+from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, split_if_due, temperature
 from unet import UNet, UNetConfig, matched_width, n_params
 
 PROG = "fashion.py"
@@ -235,24 +234,22 @@ def model_specs(args):
 
 
 def train(model, diffusion, x, args, label):
-    """Algorithm 1 (smd.train_step: grad clip 1, AdamW) with a linear warm-up and cosine decay
-    on batches of the uint8 images x drawn by their own generator, the same for every model.
-    A categorical model's responsibilities are annealed (and with --split its dead components
-    revived). Returns (mean loss of the last 10% of steps, ms per step)."""
+    """Algorithm 1 (smd.train_step: grad clip 1, AdamW), linear warm-up and cosine decay, on batches
+    of the uint8 images x from their own generator, the same for every model; a categorical model
+    annealed (and split, --split). Returns (mean loss of the last 10% of steps, ms per step)."""
     opt = smd.make_optimizer(model, args.lr, "cpu")
     batches, losses, warm = torch.Generator().manual_seed(args.seed), [], max(1, args.iters // 20)
     splits = torch.Generator().manual_seed(args.seed + 1)   # --split's examples, apart from the batches
+    draw = lambda n, g: to_model(x[torch.randint(len(x), (n,), generator=g)])   # n images, from generator g
     t0, every = time.time(), max(1, args.iters // 10)
     for it in range(args.iters):
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / args.iters))
         loss_args = {"tau": temperature(it, args.iters, args.anneal)} if isinstance(diffusion, CategoricalDiffusion) \
             else {}
-        x0 = to_model(x[torch.randint(len(x), (args.batch_size,), generator=batches)])
-        if args.split and isinstance(diffusion, CategoricalDiffusion) and split_due(it, args.iters):
-            x_split = to_model(x[torch.randint(len(x), (512,), generator=splits)])
-            for src, dst in diffusion.split_blends(model, x_split, opt):
-                print(f"  {label}: step {it}: component {dst} (dead) <- a copy of {src}", flush=True)
+        x0 = draw(args.batch_size, batches)
+        if args.split:
+            split_if_due(model, diffusion, opt, it, args.iters, lambda n: draw(n, splits), f"{label}: ")
         losses.append(smd.train_step(model, diffusion, opt, x0, **loss_args).item())
         if (it + 1) % every == 0 and it + 1 < args.iters:
             s = time.time() - t0
@@ -380,9 +377,7 @@ def check_args(args):
     """Every check that needs no data: one line on stderr and exit 2 on the first failure."""
     if min(args.T) < 2:
         cli.fail(PROG, f"--T {min(args.T)}: a chain needs at least 2 steps")
-    if args.split and max(args.T) > 2:
-        cli.fail(PROG, f"--split with --T {max(args.T)}: the split move is for 2-step chains, whose first step is "
-                 "one fixed mixture; on longer ones it copies components at every check (docs/templates.md)")
+    cli.check_categorical_flags(PROG, args)
     if args.batch_size > 60000:
         cli.fail(PROG, f"--batch-size {args.batch_size}: the training set holds 60000 images")
     if args.n > 60000:
@@ -445,7 +440,7 @@ def main(argv=None):
     if args.json:
         result = dict(config=vars(args), classifier=classifier, models=info, rows=rows, seconds=time.time() - t0,
                       torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count())
-        data.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        data.save_json(result, args.json)
     if args.png:   # last: a bad path costs no results
         figure(rows, samples, args.png)
     return rows

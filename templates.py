@@ -26,7 +26,6 @@ Every flag and output path is checked before training. Widths are matched by une
 """
 
 import argparse
-import json
 import math
 import time
 
@@ -39,7 +38,7 @@ import cli
 import data
 import gmm
 import smd
-from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, split_due, temperature
+from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, split_if_due, temperature
 from unet import UNet, UNetConfig, matched_width, n_params
 
 # -----------------------------------------------------------------------------
@@ -133,9 +132,8 @@ def train(model, diffusion, args, seed):
         loss_args = {"tau": temperature(it, args.iters, args.anneal)} if isinstance(diffusion, CategoricalDiffusion) \
             else {}
         x0 = images(DATA.sample(args.batch_size, batches))
-        if args.split and isinstance(diffusion, CategoricalDiffusion) and split_due(it, args.iters):
-            for src, dst in diffusion.split_blends(model, images(DATA.sample(512, splits)), opt):
-                print(f"  step {it}: component {dst} (dead) <- a copy of {src} (a blend)", flush=True)
+        if args.split:
+            split_if_due(model, diffusion, opt, it, args.iters, lambda n: images(DATA.sample(n, splits)))
         losses.append(smd.train_step(model, diffusion, opt, x0, **loss_args).item())
     return float(np.mean(losses[-max(1, args.iters // 10):]))
 
@@ -271,9 +269,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if min(args.T) < 2:
         cli.fail("templates.py", f"--T {min(args.T)}: a chain needs at least 2 steps")
-    if args.split and max(args.T) > 2:
-        cli.fail("templates.py", f"--split with --T {max(args.T)}: the split move is for 2-step chains, whose first "
-                 "step is one fixed mixture; on longer ones it copies components at every check (docs/templates.md)")
+    cli.check_categorical_flags("templates.py", args)
     if SIZE % 2 ** (len(args.ch_mult) - 1):
         cli.fail("templates.py", f"--ch-mult {args.ch_mult}: {SIZE}x{SIZE} images allow at most 5 levels")
     cli.writable_file("templates.py", args.json, "--json")
@@ -292,7 +288,7 @@ def main(argv=None):
     print(f"total {time.time() - t0:.0f}s")
     if args.json:
         result = dict(config=vars(args), models=info, rows=rows, seconds=time.time() - t0)
-        data.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        data.save_json(result, args.json)
     if args.png:   # last: a bad path costs no results
         figure(rows, samples, args.png)
 

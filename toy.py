@@ -19,7 +19,6 @@ score them and both references against the true mixture. Every flag is checked b
 """
 
 import argparse
-import json
 import math
 import time
 
@@ -378,7 +377,7 @@ def main(argv=None):
     print(f"total {time.time() - t0:.0f}s")
     if args.json:
         result = dict(config=vars(args), models=infos, rows=rows, seconds=time.time() - t0)
-        data.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        data.save_json(result, args.json)
     if args.png:   # last: a bad path costs no results
         figure(first, args.png)
 
