@@ -20,8 +20,8 @@ responsibilities are one-hot, a component that starts far from every mode never 
 anneals the responsibilities instead (deterministic annealing, Ueda & Nakano 1998): training
 starts with the energies divided by tau0 >> 1, every component feels every example, and the
 components split apart as tau falls to 1, where the loss is the exact likelihood again.
-Annealing can still end with a component on two modes and another dead; `split_blends` (--split,
-2-step chains) makes the dead one a copy of the blend, and the pair parts (split-and-merge EM).
+Annealing can still end with a component on two modes and another dead; `split_blends` (--split)
+copies the blend into the component worth least, and the pair parts (split-and-merge EM).
 
   CategoricalConfig, CategoricalUNet   the U-Net with K outputs and a head for the logits
   CategoricalDiffusion                 `loss` (the exact mixture NLL), `sample` (k ~ pi), `split_blends`
@@ -176,16 +176,19 @@ class CategoricalDiffusion(Diffusion):
     @torch.no_grad()
     def split_blends(self, model, x0, optimizer=None):
         """The split move of split-and-merge EM (Ueda et al. 2000) against the local optimum that
-        annealing can still leave: one component on two modes (a blend) while another wins no
-        example (dead). x0's examples are noised to every step t and each goes to its most
-        responsible component, argmax_k log pi_k - E_k with E_k = c0^2 |x0_hat_k - x_0|^2 /
-        (2 sigma_t^2) (the loss's energies without the xi term). At steps where the posterior has
-        one mode the components nearly coincide and who wins means little, so the move looks at
-        the step where the choice matters most: the largest mean (E_second - E_best) / E_best.
-        There every component that wins nothing and fits no example better than the median example
-        is fitted (dead, not a near-copy of a winner) becomes a copy of the one with the largest
-        load (sum of its examples' E_best; CategoricalUNet.copy_component), whose load then halves.
-        Returns the (src, dst) pairs."""
+        annealing can leave: a component on several modes of q(x_{t-1} | x_t) (a blend) while
+        another is worth little. x0's examples are noised to every step t and each goes to its most
+        responsible component, argmax_k log pi_k - |r_k|^2 with r_k = c0 (x0_hat_k - x_0) /
+        sqrt(2 sigma_t^2) (|r_k|^2: the loss's energy without the xi term).
+          cost_k  what component k is worth: the nats its examples lose if they go to their
+                  runner-up instead, summed over the steps (0 for one that wins nothing).
+          gain_k  what splitting it can win: at every step, the energy of its examples' centred
+                  residuals r_k along their first principal direction (what two components, one
+                  on either side, would remove), less twice what noise puts there (the top
+                  eigenvalue of a Wishart matrix: (sqrt(n) + sqrt(D))^2 / (n D) of the total).
+        In order of gain, a component whose gain exceeds the cost of the cheapest other one is
+        copied into it (CategoricalUNet.copy_component); each component takes part in one pair
+        per call. Returns the (src, dst) pairs."""
         B, T = x0.shape[0], self.T
         t = torch.arange(T, device=x0.device).repeat_interleave(B)
         x0 = x0.repeat(T, *[1] * (x0.dim() - 1))
@@ -196,22 +199,27 @@ class CategoricalDiffusion(Diffusion):
             return []
         abar, _, c0, _, s2 = self.step_terms(t)
         x0_k = self.x0_from(out.double(), x_t[:, None].double(), abar.view(-1, *[1] * (out.dim() - 1)))
-        energy = (c0**2 / (2 * s2)).view(-1, 1) * (x0_k - x0[:, None].double()).flatten(2).pow(2).sum(2)
-        energy = energy.view(T, B, K)
-        k = (F.log_softmax(logits.double(), 1).view(T, B, K) - energy).argmax(2)   # (T, B): the winners
-        e = energy.gather(2, k[..., None])[..., 0]                          # their energies
-        second = energy.scatter(2, k[..., None], math.inf).amin(2)
-        step = int(((second - e) / e.clamp_min(1e-12)).mean(1).argmax())   # where the choice matters most
-        k, e = k[step], e[step]
-        load = torch.zeros(K, dtype=e.dtype, device=e.device).index_add_(0, k, e)
-        fit = energy[step].amin(0)                        # each component's best fit to any example
-        dead = (torch.bincount(k, minlength=K) == 0) & (fit > e.median())   # not a near-copy of a winner
-        pairs = []
-        for dst in dead.nonzero()[:, 0].tolist():
-            src = int(load.argmax())
-            model.copy_component(src, dst, optimizer)
-            load[src] /= 2
-            pairs.append((src, dst))
+        r = (x0_k - x0[:, None].double()).flatten(2) * (c0 / (2 * s2).sqrt()).view(-1, 1, 1)   # (T B, K, D)
+        top = (F.log_softmax(logits.double(), 1) - r.pow(2).sum(2)).topk(2, 1)
+        k = top.indices[:, 0]                                                                  # the winners
+        cost = torch.zeros(K, dtype=r.dtype, device=r.device).index_add_(0, k, top.values[:, 0] - top.values[:, 1])
+        gain = torch.zeros_like(cost)
+        r, k = r.view(T, B, K, -1), k.view(T, B)
+        for s in range(T):
+            for c in k[s].unique().tolist():
+                R = r[s, k[s] == c, c]                      # component c's examples at step s, (n, D)
+                R = R - R.mean(0)
+                n, D = R.shape
+                noise = R.pow(2).sum() * (math.sqrt(n) + math.sqrt(D)) ** 2 / (n * D)
+                gain[c] += (torch.linalg.matrix_norm(R, 2) ** 2 - 2 * noise).clamp_min(0)
+        pairs, used = [], set()
+        for src in gain.argsort(descending=True, stable=True).tolist():
+            free = [c for c in cost.argsort(stable=True).tolist() if c not in used and c != src]
+            if src in used or not free or gain[src] <= cost[free[0]]:
+                continue
+            model.copy_component(src, free[0], optimizer)
+            used |= {src, free[0]}
+            pairs.append((src, free[0]))
         return pairs
 
     @torch.no_grad()
@@ -250,7 +258,7 @@ def split_if_due(model, diffusion, optimizer, step, total, draw, label="", frac=
     if isinstance(diffusion, CategoricalDiffusion) and frac * total <= step < 0.8 * total \
             and step % max(1, total // 20) == 0:
         for src, dst in diffusion.split_blends(model, draw(512), optimizer):
-            print(f"  {label}step {step}: component {dst} (dead) <- a copy of {src}", flush=True)
+            print(f"  {label}step {step}: component {dst} <- a copy of {src}", flush=True)
 
 
 if __name__ == "__main__":

@@ -186,11 +186,4 @@ def add_categorical_flags(p):
     p.add_argument("--fixed-var", action="store_true",
                    help="categorical: variances fixed at beta_tilde instead of learned")
     p.add_argument("--split", action="store_true",
-                   help="categorical, T = 2: after annealing, dead components become copies of blends (split_blends)")
-
-
-def check_categorical_flags(prog, args):
-    """Refuse --split on chains longer than 2 steps (args.T: the chain lengths to train)."""
-    if args.split and max(args.T) > 2:
-        fail(prog, f"--split with --T {max(args.T)}: the split move is for 2-step chains, whose first step is one "
-                   "fixed mixture; on longer ones it copies components at every check (docs/templates.md)")
+                   help="categorical: after annealing, blends are copied into the least used components (split_blends)")

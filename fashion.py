@@ -377,7 +377,6 @@ def check_args(args):
     """Every check that needs no data: one line on stderr and exit 2 on the first failure."""
     if min(args.T) < 2:
         cli.fail(PROG, f"--T {min(args.T)}: a chain needs at least 2 steps")
-    cli.check_categorical_flags(PROG, args)
     if args.batch_size > 60000:
         cli.fail(PROG, f"--batch-size {args.batch_size}: the training set holds 60000 images")
     if args.n > 60000:

@@ -122,7 +122,7 @@ def train(model, diffusion, args, seed):
     """Algorithm 1 (smd.train_step: grad clip 1, AdamW) with a linear warm-up and cosine decay;
     the batches come from their own generator, the same for every model. Returns the mean loss
     of the last 10% of steps. A categorical model's responsibilities are annealed (temperature)
-    and, with --split, its dead components revived (split_blends)."""
+    and, with --split, its blends split (split_blends)."""
     opt = smd.make_optimizer(model, args.lr, "cpu")
     batches, losses, warm = torch.Generator().manual_seed(seed), [], max(1, args.iters // 20)
     splits = torch.Generator().manual_seed(seed + 1)   # --split's examples, apart from the batches
@@ -269,7 +269,6 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if min(args.T) < 2:
         cli.fail("templates.py", f"--T {min(args.T)}: a chain needs at least 2 steps")
-    cli.check_categorical_flags("templates.py", args)
     if SIZE % 2 ** (len(args.ch_mult) - 1):
         cli.fail("templates.py", f"--ch-mult {args.ch_mult}: {SIZE}x{SIZE} images allow at most 5 levels")
     cli.writable_file("templates.py", args.json, "--json")

@@ -265,22 +265,24 @@ class FixedX0(torch.nn.Module):
 
 
 def test_split_blends_copies_the_blend_into_the_dead_component():
-    """Two modes A and B; component 0 on A, component 1 on their average (a blend: it wins B's
-    examples), component 2 far from both (dead): the blend is copied into the dead one, at every
-    chain length, also when at the last step the three nearly coincide and each wins some examples
-    there. With one component per mode and none dead, nothing is split; nor when the third
-    component wins nothing as a copy of the first (not dead: it fits as well)."""
-    A, B = torch.full((4,), 0.8, dtype=torch.float64), torch.full((4,), -0.8, dtype=torch.float64)
+    """Three modes A, B, C in 64 dimensions; component 0 on C, component 1 on the average of A and
+    B (a blend: it wins both), component 2 far from all (dead): the blend is copied into the dead
+    one, at every chain length, also when at the last step the three nearly coincide and each wins
+    some examples there. With one component per mode nothing is split, nor when a fourth is an
+    exact copy of the first (it wins nothing, but there is no blend to give it)."""
+    D = 64
+    A, B = torch.full((D,), 0.8, dtype=torch.float64), torch.full((D,), -0.8, dtype=torch.float64)
+    C = 0.8 * (-1.0) ** torch.arange(D, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
-    x0 = torch.cat([A.expand(32, 4), B.expand(32, 4)]) + 0.05 * torch.randn(64, 4, generator=g, dtype=torch.float64)
-    for T in (2, 5):
+    x0 = torch.cat([m.expand(32, D) for m in (A, B, C)]) + 0.05 * torch.randn(96, D, generator=g, dtype=torch.float64)
+    for T in (2, 5, 10):
         d = CategoricalDiffusion(T=T, objective="v")
         for last in (False, True):
-            model = FixedX0(d, torch.stack([A, (A + B) / 2, torch.full((4,), 5.0, dtype=torch.float64)]), last)
+            model = FixedX0(d, torch.stack([C, (A + B) / 2, torch.full((D,), 5.0, dtype=torch.float64)]), last)
             opt = object()
             assert d.split_blends(model, x0, opt) == [(1, 2)] and model.copies == [(1, 2, opt)]
-        assert d.split_blends(FixedX0(d, torch.stack([A, B])), x0) == []
-        assert d.split_blends(FixedX0(d, torch.stack([A, B, A])), x0) == []   # a copy wins ties to none: not dead
+        assert d.split_blends(FixedX0(d, torch.stack([A, B, C])), x0) == []
+        assert d.split_blends(FixedX0(d, torch.stack([A, B, C, A])), x0) == []
 
 
 def test_copy_component_copies_outputs_logits_variances_and_adam_moments():

@@ -89,7 +89,7 @@ def test_tiny_end_to_end(tmp_path):
     (["--fid-weights", "/nonexistent.pt"], "--fid-weights /nonexistent.pt: no such file"),
     (["--json", "/nonexistent/r.json"], "--json /nonexistent/r.json: the folder"),
     (["--objective", "x0"], "--objective: invalid choice"), (["--nll-cap", "0"], "--nll-cap: 0"),
-    (["--mean-loss", "-1"], "--mean-loss: -1"), (["--split"], "--split with --T 10: the split move is for 2-step"),
+    (["--mean-loss", "-1"], "--mean-loss: -1"),
 ])
 def test_bad_flags_refused_before_any_work(argv, says, capsys, monkeypatch):
     monkeypatch.setattr(fashion, "load_split", lambda *a: pytest.fail("read the data before checking its flags"))

@@ -85,7 +85,7 @@ def test_tiny_end_to_end(tmp_path, capsys, monkeypatch):
     (["--T", "1"], "--T 1: a chain needs at least 2 steps"), (["--batch-size", "0"], "--batch-size: 0"),
     (["--n", "3"], "--n: 3 is out of range"), (["--var", "tiny"], "--var: invalid choice"),
     (["--json", "/nonexistent/r.json"], "--json /nonexistent/r.json: the folder"),
-    (["--mean-loss", "-0.5"], "--mean-loss: -0.5"), (["--T", "2,5", "--split"], "--split with --T 5: the split"),
+    (["--mean-loss", "-0.5"], "--mean-loss: -0.5"),
 ])
 def test_bad_flags_refused_before_training(argv, says, capsys, monkeypatch):
     monkeypatch.setattr(tp, "run_T", lambda *a: pytest.fail("trained before checking its flags"))
