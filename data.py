@@ -260,13 +260,17 @@ def save_grid(images, path):
 def atomic_write(path, write):
     """write(f) into a fresh temporary file beside path, fsync, then os.replace: a crash leaves
     the old file intact, two writers never share a temporary file, and a failed write (disk full,
-    read-only) removes its partial file before the error goes on."""
+    read-only) removes its partial file before the error goes on. The file gets the permissions
+    open() would give it (mkstemp's are owner-only)."""
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -3,6 +3,7 @@ grayscale/colour read as RGB), and batch sizes or image sizes the data cannot ta
 before anything is allocated. (batch_plan's resume is tested in test_train.py.)"""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,19 @@ def test_empty_folder_refused(tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     with pytest.raises(ValueError, match="no images"):
         batches(tmp_path / "empty")
+
+
+def test_atomic_write_gives_the_permissions_open_gives(tmp_path):
+    """Results and checkpoints are written through a temporary file; the final file has the mode
+    a plain open() would give it under the current umask (mkstemp alone gives 0600), and no
+    temporary file is left."""
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "plain.json").write_text("{}")
+        data.save_json({"a": 1}, str(tmp_path / "r.json"))
+        data.atomic_write(str(tmp_path / "r.json"), lambda f: f.write(b"{}"))   # over an existing file
+    finally:
+        os.umask(old)
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777
+    assert mode("r.json") == mode("plain.json") == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "r.json"]
