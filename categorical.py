@@ -212,9 +212,9 @@ class CategoricalDiffusion(Diffusion):
                 n, D = R.shape
                 noise = R.pow(2).sum() * (math.sqrt(n) + math.sqrt(D)) ** 2 / (n * D)
                 gain[c] += (torch.linalg.matrix_norm(R, 2) ** 2 - 2 * noise).clamp_min(0)
-        pairs, used = [], set()
+        pairs, used, cheapest = [], set(), cost.argsort(stable=True).tolist()
         for src in gain.argsort(descending=True, stable=True).tolist():
-            free = [c for c in cost.argsort(stable=True).tolist() if c not in used and c != src]
+            free = [c for c in cheapest if c not in used and c != src]
             if src in used or not free or gain[src] <= cost[free[0]]:
                 continue
             model.copy_component(src, free[0], optimizer)

@@ -63,13 +63,16 @@ def test_models_are_matched_and_the_control_is_sized_like_smd():
 
 
 @pytest.mark.skipif(not HAVE_FASHION, reason="Debian's dataset-fashion-mnist is not installed")
-def test_tiny_end_to_end(tmp_path):
+def test_tiny_end_to_end(tmp_path, monkeypatch):
     fid_on = inception.find_fid_helper_weights() is not None
     out = tmp_path / "out"
+    calls, split = [], fashion.CategoricalDiffusion.split_blends
+    monkeypatch.setattr(fashion.CategoricalDiffusion, "split_blends", lambda *a: calls.append(a[2].shape) or split(*a))
     argv = ["--T", "2,3", "--iters", "2", "--batch-size", "4", "--n", "2", "--fid-ref-n", "2",
-            "--classifier-iters", "20", "--width", "8", "--latent-dim", "4", "--components", "2", "--threads", "1",
-            "--out-dir", str(out)]
+            "--classifier-iters", "20", "--width", "8", "--latent-dim", "4", "--components", "2", "--split",
+            "--threads", "1", "--out-dir", str(out)]
     fashion.main(argv + ([] if fid_on else ["--no-fid"]))
+    assert calls == [(512, 1, 16, 16)] * 2   # --split: once per T (step 1 of 2), for the categorical model only
     res = json.loads((out / "fashion_results.json").read_text())
     got = {(r["model"], r["T"]) for r in res["rows"]}
     assert got == {("data", 0), *((m, T) for m in ("vanilla", "SMD", "categorical K=2") for T in (2, 3))}
