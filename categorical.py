@@ -117,9 +117,25 @@ class CategoricalDiffusion(Diffusion):
     weighted by `capped_weight` if `cap` is set; plus `mean_loss` x Algorithm 1's loss on the
     mixture's mean) and its sampler picks a component at every step."""
 
-    def __init__(self, T=1000, schedule="linear", objective="eps", cap=None, mean_loss=0.0):
+    def __init__(self, T=1000, schedule="linear", objective="eps", cap=None, mean_loss=0.0, fit_pi=False):
         super().__init__(T, schedule, objective)
-        self.cap, self.mean_loss = cap, mean_loss
+        self.cap, self.mean_loss, self.fit_pi = cap, mean_loss, fit_pi
+
+    def mixture(self, model, x_t, t):
+        """The mixture at x_t: x0_hat_k (B, K, ...) in float64, log pi_k (B, K), the variance
+        logits or None. With `fit_pi`, pi also weighs each component by its own fit to x_t,
+          pi_k  proportional to  exp(head_k) N(eps_hat_k; 0, I),   eps_hat_k = (x_t - sqrt(abar) x0_hat_k) / sqrt(1 - abar),
+        Bayes' rule for "x_t is x0_hat_k noised" (the exact posterior's weights when the data are
+        points x0_hat_k, as gmm.component_logits with zero width); the head learns what is left. The
+        fit is held fixed (stop-gradient): pi follows the means, it does not pull them."""
+        out, logits, var_logits = model(x_t, t)
+        abar = self.alphas_cumprod[t].view(-1, *[1] * (out.dim() - 1))
+        x0_k = self.x0_from(out.double(), x_t[:, None].double(), abar)
+        logits = logits.double()
+        if self.fit_pi:
+            eps_k = (x_t[:, None] - abar.sqrt() * x0_k.detach()) / (1 - abar).sqrt()
+            logits = logits - 0.5 * eps_k.flatten(2).pow(2).sum(2)
+        return x0_k, F.log_softmax(logits, 1), var_logits
 
     def step_terms(self, t):
         """At timesteps t: abar_t, beta_t, c0 (x_0's coefficient in the posterior mean, Eq. 7),
@@ -150,15 +166,13 @@ class CategoricalDiffusion(Diffusion):
         t = torch.randint(0, self.T, (B,), device=x0.device)
         eps = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, eps)
-        out, logits, var_logits = model(x_t, t)
+        x0_k, log_pi, var_logits = self.mixture(model, x_t, t)
         abar, beta, c0, bt, s2 = self.step_terms(t)
         w = capped_weight(c0, s2, self.cap) if self.cap else 1.0              # (B,): the step's weight
-        x0_k = self.x0_from(out.double(), x_t[:, None].double(), abar.view(B, *[1] * (out.dim() - 1)))
         d = (x0_k - x0[:, None].double()).flatten(2)                         # (B, K, D)
         xi = torch.randn(B, 1, d.shape[2], device=x0.device, dtype=d.dtype)
         dd, dxi = d.pow(2).sum(2), (d * xi).sum(2)                           # |d_k|^2 and d_k.xi, (B, K)
         c0, beta, bt, s2 = (a.view(B, 1) for a in (c0, beta, bt, s2))
-        log_pi = F.log_softmax(logits.double(), 1)
         cross = dxi - dxi.mean(1, keepdim=True)                              # (d_k - mean_k d).xi
         nll = -tau * torch.logsumexp((log_pi - (c0**2 * dd - 2 * c0 * bt.sqrt() * cross) / (2 * s2)) / tau, 1)
         if var_logits is not None:    # the variances' own term: |x_{t-1} - mu_k|^2 with d held fixed
@@ -193,14 +207,13 @@ class CategoricalDiffusion(Diffusion):
         t = torch.arange(T, device=x0.device).repeat_interleave(B)
         x0 = x0.repeat(T, *[1] * (x0.dim() - 1))
         x_t = self.q_sample(x0, t, torch.randn_like(x0))
-        out, logits, _ = model(x_t, t)
-        K = out.shape[1]
+        x0_k, log_pi, _ = self.mixture(model, x_t, t)
+        K = x0_k.shape[1]
         if K < 2:
             return []
-        abar, _, c0, _, s2 = self.step_terms(t)
-        x0_k = self.x0_from(out.double(), x_t[:, None].double(), abar.view(-1, *[1] * (out.dim() - 1)))
+        _, _, c0, _, s2 = self.step_terms(t)
         r = (x0_k - x0[:, None].double()).flatten(2) * (c0 / (2 * s2).sqrt()).view(-1, 1, 1)   # (T B, K, D)
-        top = (F.log_softmax(logits.double(), 1) - r.pow(2).sum(2)).topk(2, 1)
+        top = (log_pi - r.pow(2).sum(2)).topk(2, 1)
         k = top.indices[:, 0]                                                                  # the winners
         cost = torch.zeros(K, dtype=r.dtype, device=r.device).index_add_(0, k, top.values[:, 0] - top.values[:, 1])
         gain = torch.zeros_like(cost)
@@ -233,11 +246,12 @@ class CategoricalDiffusion(Diffusion):
         beta_tilde = None
         for t, abar, abar_prev in self.step_coefficients(steps):
             noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-            out, logits, var_logits = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-            if out.shape[1] > 1:
+            x0_k, log_pi, var_logits = self.mixture(model, x, torch.full((x.shape[0],), t, device=x.device,
+                                                                         dtype=torch.long))
+            if x0_k.shape[1] > 1:
                 torch.rand(u.shape, generator=generator, out=u)
-            k = (logits.float().softmax(1).cumsum(1) < u).sum(1).clamp(max=out.shape[1] - 1)   # k ~ pi, inverse CDF
-            x0 = self.x0_from(out[rows, k].to(x.dtype), x, abar)
+            k = (log_pi.float().exp().cumsum(1) < u).sum(1).clamp(max=x0_k.shape[1] - 1)   # k ~ pi, inverse CDF
+            x0 = x0_k[rows, k].to(x.dtype)
             eps_hat = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
             if var_logits is None or update is not None:
                 x = (update or (lambda *a: ddpm_update(*a, var=var)))(x, eps_hat, noise, abar, abar_prev)

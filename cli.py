@@ -185,5 +185,7 @@ def add_categorical_flags(p):
                    help="categorical: + this x Algorithm 1's eps loss on the mixture's mean (sum_k pi_k x0_k)")
     p.add_argument("--fixed-var", action="store_true",
                    help="categorical: variances fixed at beta_tilde instead of learned")
+    p.add_argument("--fit-pi", action="store_true",
+                   help="categorical: pi also weighs each component by N(eps_hat_k; 0, I), its own fit to x_t")
     p.add_argument("--split", action="store_true",
                    help="categorical: after annealing, blends are copied into the least used components (split_blends)")

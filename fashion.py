@@ -273,8 +273,9 @@ def sample(model, diffusion, n, size, var, generator, batch=512):
 def run_T(T, args, specs, ctx, rows, info, samples):
     gen = lambda s: torch.Generator().manual_seed(args.seed * 100003 + 1000 * T + s)
     for name, (cfg, objective) in specs.items():
-        diffusion = CategoricalDiffusion(T, objective=objective, cap=args.nll_cap, mean_loss=args.mean_loss) \
-            if isinstance(cfg, CategoricalConfig) else smd.Diffusion(T, objective=objective)
+        diffusion = CategoricalDiffusion(T, objective=objective, cap=args.nll_cap, mean_loss=args.mean_loss,
+                                         fit_pi=args.fit_pi) if isinstance(cfg, CategoricalConfig) \
+            else smd.Diffusion(T, objective=objective)
         torch.manual_seed(args.seed)
         model, t0 = build(cfg), time.time()
         loss, ms = train(model, diffusion, ctx["x_train"], args, f"T={T} {name}")

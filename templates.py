@@ -148,8 +148,8 @@ def mean_eps(model, diffusion, x_t, t):
                             for _ in range(8)]).mean(0)
     if not isinstance(diffusion, CategoricalDiffusion):
         return diffusion.predict_eps(model, x_t, t)
-    out, logits, _ = model(x_t, t)
-    x0 = (logits.softmax(1)[..., None, None, None] * diffusion.x0_from(out, x_t[:, None], abar[:, None])).sum(1)
+    x0_k, log_pi, _ = diffusion.mixture(model, x_t, t)
+    x0 = (log_pi.exp()[..., None, None, None] * x0_k).sum(1).float()
     return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
 
 
@@ -182,8 +182,9 @@ def run_T(T, args, specs, rows, info, samples):
     score("best Gaussian", dif_eps.sample(DATA.best_gaussian_model(dif_eps), x_T.shape, var=args.var, generator=g,
                                           x_T=x_T))
     for name, (cfg, objective) in specs.items():
-        diffusion = CategoricalDiffusion(T, objective=objective, cap=args.nll_cap, mean_loss=args.mean_loss) \
-            if isinstance(cfg, CategoricalConfig) else smd.Diffusion(T, objective=objective)
+        diffusion = CategoricalDiffusion(T, objective=objective, cap=args.nll_cap, mean_loss=args.mean_loss,
+                                         fit_pi=args.fit_pi) if isinstance(cfg, CategoricalConfig) \
+            else smd.Diffusion(T, objective=objective)
         torch.manual_seed(args.seed)
         model, t0 = build(cfg), time.time()
         loss = train(model, diffusion, args, args.seed)

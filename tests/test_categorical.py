@@ -264,6 +264,27 @@ class FixedX0(torch.nn.Module):
         self.copies.append((src, dst, optimizer))
 
 
+def test_fit_pi_is_bayes_for_point_components():
+    """With fit_pi and components whose x0_hat_k are fixed points m_k (zero head logits), pi is
+    the exact posterior over "x_t is m_k noised", gmm.GaussianMixture(m, std=0)'s weights, at
+    every step; it holds the fit fixed (no gradient into m through pi); without fit_pi pi stays
+    the head's (uniform here)."""
+    import gmm
+    D, T = 16, 5
+    g = torch.Generator().manual_seed(0)
+    m = (0.5 * torch.randn(4, D, generator=g, dtype=torch.float64)).requires_grad_()
+    d = CategoricalDiffusion(T=T, objective="v", fit_pi=True)
+    t = torch.arange(T).repeat_interleave(8)
+    x_t = d.q_sample(m.detach()[torch.arange(len(t)) % 4], t, torch.randn(len(t), D, generator=g, dtype=torch.float64))
+    x0_k, log_pi, _ = d.mixture(FixedX0(d, m), x_t, t)
+    exact = gmm.GaussianMixture(m.detach(), 0.0).component_logits(x_t, d.alphas_cumprod[t]).log_softmax(1)
+    assert torch.allclose(x0_k, m.expand(len(t), -1, -1)) and torch.allclose(log_pi, exact, atol=1e-9)
+    assert (exact.exp().max(1).values < 0.99).any()          # some steps are not yet decided
+    assert x0_k.requires_grad and not log_pi.requires_grad   # the head's logits are constants here
+    d.fit_pi = False
+    assert torch.allclose(d.mixture(FixedX0(d, m), x_t, t)[1], torch.full((len(t), 4), -math.log(4), dtype=torch.float64))
+
+
 def test_split_blends_copies_the_blend_into_the_dead_component():
     """Three modes A, B, C in 64 dimensions; component 0 on C, component 1 on the average of A and
     B (a blend: it wins both), component 2 far from all (dead): the blend is copied into the dead
