@@ -22,9 +22,12 @@ starts with the energies divided by tau0 >> 1, every component feels every examp
 components split apart as tau falls to 1, where the loss is the exact likelihood again.
 Annealing can still end with a component on two modes and another dead; `split_blends` (--split)
 copies the blend into the component worth least, and the pair parts (split-and-merge EM).
+`fit_pi` (--fit-pi) adds to the head's logits each component's own fit to x_t, Bayes' weight
+N(eps_hat_k; 0, I) (CategoricalDiffusion.mixture).
 
   CategoricalConfig, CategoricalUNet   the U-Net with K outputs and a head for the logits
-  CategoricalDiffusion                 `loss` (the exact mixture NLL), `sample` (k ~ pi), `split_blends`
+  CategoricalDiffusion                 `mixture` (x0_hat_k, log pi), `loss` (the exact mixture NLL),
+                                       `sample` (k ~ pi), `split_blends`
 
     python train.py --dataset fashion-mnist --categorical 10 --learned-var --anneal 1e6 --T 5
     python toy.py --T 5 --steps 5 --smd-objective categorical-var --width 160 --batch-size 512 --iters 24000
