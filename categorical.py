@@ -28,6 +28,7 @@ N(eps_hat_k; 0, I) (CategoricalDiffusion.mixture).
   CategoricalConfig, CategoricalUNet   the U-Net with K outputs and a head for the logits
   CategoricalDiffusion                 `mixture` (x0_hat_k, log pi), `loss` (the exact mixture NLL),
                                        `sample` (k ~ pi), `split_blends`
+  train_loop                           templates.py's and fashion.py's training loop (all models)
 
     python train.py --dataset fashion-mnist --categorical 10 --learned-var --anneal 1e6 --T 5
     python toy.py --T 5 --steps 5 --smd-objective categorical-var --width 160 --batch-size 512 --iters 24000
@@ -36,13 +37,15 @@ N(eps_hat_k; 0, I) (CategoricalDiffusion.mixture).
 """
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smd import Diffusion, ddpm_update, mlp, posterior
+from cli import fmt_time
+from smd import Diffusion, ddpm_update, make_optimizer, mlp, posterior, train_step
 from unet import UNet, UNetConfig, norm
 
 
@@ -266,6 +269,34 @@ class CategoricalDiffusion(Diffusion):
             mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)   # Alg. 2 line 7's mean
             x = mean + (0.5 * log_s2).exp().view(-1, *[1] * (x.dim() - 1)) * noise
         return x.clamp(-1, 1)
+
+
+def train_loop(model, diffusion, draw, args, label=""):
+    """The training loop of templates.py and fashion.py, the same for every model: Algorithm 1
+    (smd.train_step: grad clip 1, AdamW) with a linear warm-up over the first 5% and cosine decay,
+    on args.batch_size examples draw(n, generator) a step from a generator seeded args.seed (the
+    same batches for every model); a categorical model's responsibilities annealed (`temperature`,
+    args.anneal) and, with args.split, its blends split (`split_if_due`, on examples from a second
+    generator). Progress every 10%. Returns (mean loss of the last 10% of steps, ms per step)."""
+    opt = make_optimizer(model, args.lr, "cpu")
+    batches, losses, warm = torch.Generator().manual_seed(args.seed), [], max(1, args.iters // 20)
+    splits = torch.Generator().manual_seed(args.seed + 1)   # --split's examples, apart from the batches
+    t0, every = time.time(), max(1, args.iters // 10)
+    for it in range(args.iters):
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / args.iters))
+        loss_args = {"tau": temperature(it, args.iters, args.anneal)} if isinstance(diffusion, CategoricalDiffusion) \
+            else {}
+        x0 = draw(args.batch_size, batches)
+        if args.split:
+            split_if_due(model, diffusion, opt, it, args.iters, lambda n: draw(n, splits), f"{label}: ")
+        losses.append(train_step(model, diffusion, opt, x0, **loss_args).item())
+        if (it + 1) % every == 0 and it + 1 < args.iters:
+            s = time.time() - t0
+            print(f"  {label}: step {it + 1}/{args.iters}, loss {sum(losses[-every:]) / every:.4f}, "
+                  f"{1000 * s / (it + 1):.0f} ms/step, ETA {fmt_time(s / (it + 1) * (args.iters - it - 1))}",
+                  flush=True)
+    return sum(losses[-every:]) / every, 1000 * (time.time() - t0) / args.iters
 
 
 def split_if_due(model, diffusion, optimizer, step, total, draw, label="", frac=0.5):

@@ -68,7 +68,7 @@ import data
 import fid
 import inception
 import smd
-from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, split_if_due, temperature
+from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, train_loop
 from unet import UNet, UNetConfig, matched_width, n_params
 
 PROG = "fashion.py"
@@ -233,32 +233,6 @@ def model_specs(args):
     return specs
 
 
-def train(model, diffusion, x, args, label):
-    """Algorithm 1 (smd.train_step: grad clip 1, AdamW), linear warm-up and cosine decay, on batches
-    of the uint8 images x from their own generator, the same for every model; a categorical model
-    annealed (and split, --split). Returns (mean loss of the last 10% of steps, ms per step)."""
-    opt = smd.make_optimizer(model, args.lr, "cpu")
-    batches, losses, warm = torch.Generator().manual_seed(args.seed), [], max(1, args.iters // 20)
-    splits = torch.Generator().manual_seed(args.seed + 1)   # --split's examples, apart from the batches
-    draw = lambda n, g: to_model(x[torch.randint(len(x), (n,), generator=g)])   # n images, from generator g
-    t0, every = time.time(), max(1, args.iters // 10)
-    for it in range(args.iters):
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / args.iters))
-        loss_args = {"tau": temperature(it, args.iters, args.anneal)} if isinstance(diffusion, CategoricalDiffusion) \
-            else {}
-        x0 = draw(args.batch_size, batches)
-        if args.split:
-            split_if_due(model, diffusion, opt, it, args.iters, lambda n: draw(n, splits), f"{label}: ")
-        losses.append(smd.train_step(model, diffusion, opt, x0, **loss_args).item())
-        if (it + 1) % every == 0 and it + 1 < args.iters:
-            s = time.time() - t0
-            print(f"  {label}: step {it + 1}/{args.iters}, loss {np.mean(losses[-every:]):.4f}, "
-                  f"{1000 * s / (it + 1):.0f} ms/step, ETA {cli.fmt_time(s / (it + 1) * (args.iters - it - 1))}",
-                  flush=True)
-    return float(np.mean(losses[-max(1, args.iters // 10):])), 1000 * (time.time() - t0) / args.iters
-
-
 @torch.no_grad()
 def sample(model, diffusion, n, size, var, generator, batch=512):
     """n samples as uint8 (n, 1, size, size), drawn in batches from one generator."""
@@ -278,7 +252,9 @@ def run_T(T, args, specs, ctx, rows, info, samples):
             else smd.Diffusion(T, objective=objective)
         torch.manual_seed(args.seed)
         model, t0 = build(cfg), time.time()
-        loss, ms = train(model, diffusion, ctx["x_train"], args, f"T={T} {name}")
+        x = ctx["x_train"]
+        loss, ms = train_loop(model, diffusion, lambda n, g: to_model(x[torch.randint(len(x), (n,), generator=g)]),
+                              args, f"T={T} {name}")
         model.eval()
         train_s, t1 = time.time() - t0, time.time()
         x = sample(model, diffusion, args.n, args.image_size, args.var, gen(1))

@@ -25,11 +25,9 @@ Every flag and output path is checked before training. Widths are matched by une
 (the even width whose parameter count is closest to vanilla's).
 """
 
-import argparse
 import math
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -38,7 +36,7 @@ import cli
 import data
 import gmm
 import smd
-from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, split_if_due, temperature
+from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, train_loop
 from unet import UNet, UNetConfig, matched_width, n_params
 
 # -----------------------------------------------------------------------------
@@ -118,26 +116,6 @@ def model_specs(args):
     return specs
 
 
-def train(model, diffusion, args, seed):
-    """Algorithm 1 (smd.train_step: grad clip 1, AdamW) with a linear warm-up and cosine decay;
-    the batches come from their own generator, the same for every model. Returns the mean loss
-    of the last 10% of steps. A categorical model's responsibilities are annealed (temperature)
-    and, with --split, its blends split (split_blends)."""
-    opt = smd.make_optimizer(model, args.lr, "cpu")
-    batches, losses, warm = torch.Generator().manual_seed(seed), [], max(1, args.iters // 20)
-    splits = torch.Generator().manual_seed(seed + 1)   # --split's examples, apart from the batches
-    for it in range(args.iters):
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / args.iters))
-        loss_args = {"tau": temperature(it, args.iters, args.anneal)} if isinstance(diffusion, CategoricalDiffusion) \
-            else {}
-        x0 = images(DATA.sample(args.batch_size, batches))
-        if args.split:
-            split_if_due(model, diffusion, opt, it, args.iters, lambda n: images(DATA.sample(n, splits)))
-        losses.append(smd.train_step(model, diffusion, opt, x0, **loss_args).item())
-    return float(np.mean(losses[-max(1, args.iters // 10):]))
-
-
 @torch.no_grad()
 def mean_eps(model, diffusion, x_t, t):
     """The model's mean prediction of eps: eps_hat (vanilla), eps_hat averaged over 8 etas (SMD),
@@ -187,7 +165,7 @@ def run_T(T, args, specs, rows, info, samples):
             else smd.Diffusion(T, objective=objective)
         torch.manual_seed(args.seed)
         model, t0 = build(cfg), time.time()
-        loss = train(model, diffusion, args, args.seed)
+        loss = train_loop(model, diffusion, lambda n, g: images(DATA.sample(n, g)), args, f"T={T} {name}")[0]
         model.eval()
         eta = smd.eta_sensitivity(model, diffusion, images(DATA.sample(250, gen(3))), n_t=min(10, T),
                                   generator=gen(4))[0] if model.latent_dim else None
