@@ -130,7 +130,8 @@ class CategoricalDiffusion(Diffusion):
     def mixture(self, model, x_t, t):
         """The mixture at x_t: x0_hat_k (B, K, ...) in float64, log pi_k (B, K), the variance
         logits or None. With `fit_pi`, pi also weighs each component by its own fit to x_t,
-          pi_k  proportional to  exp(head_k) N(eps_hat_k; 0, I),   eps_hat_k = (x_t - sqrt(abar) x0_hat_k) / sqrt(1 - abar),
+          pi_k  proportional to  exp(head_k) N(eps_hat_k; 0, I),
+          eps_hat_k = (x_t - sqrt(abar) x0_hat_k) / sqrt(1 - abar)   (the noise component k implies),
         Bayes' rule for "x_t is x0_hat_k noised" (the exact posterior's weights when the data are
         points x0_hat_k, as gmm.component_logits with zero width); the head learns what is left. The
         fit is held fixed (stop-gradient): pi follows the means, it does not pull them."""
