@@ -282,7 +282,8 @@ def test_fit_pi_is_bayes_for_point_components():
     assert (exact.exp().max(1).values < 0.99).any()          # some steps are not yet decided
     assert x0_k.requires_grad and not log_pi.requires_grad   # the head's logits are constants here
     d.fit_pi = False
-    assert torch.allclose(d.mixture(FixedX0(d, m), x_t, t)[1], torch.full((len(t), 4), -math.log(4), dtype=torch.float64))
+    uniform = torch.full((len(t), 4), -math.log(4), dtype=torch.float64)
+    assert torch.allclose(d.mixture(FixedX0(d, m), x_t, t)[1], uniform)
 
 
 def test_split_blends_copies_the_blend_into_the_dead_component():
