@@ -28,7 +28,7 @@ N(eps_hat_k; 0, I) (CategoricalDiffusion.mixture).
   CategoricalConfig, CategoricalUNet   the U-Net with K outputs and a head for the logits
   CategoricalDiffusion                 `mixture` (x0_hat_k, log pi), `loss` (the exact mixture NLL),
                                        `sample` (k ~ pi), `split_blends`
-  train_loop                           templates.py's and fashion.py's training loop (all models)
+  make_diffusion, train_loop           templates.py's and fashion.py's chains and training loop (all models)
 
     python train.py --dataset fashion-mnist --categorical 10 --learned-var --anneal 1e6 --T 5
     python toy.py --T 5 --steps 5 --smd-objective categorical-var --width 160 --batch-size 512 --iters 24000
@@ -270,6 +270,15 @@ class CategoricalDiffusion(Diffusion):
             mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)   # Alg. 2 line 7's mean
             x = mean + (0.5 * log_s2).exp().view(-1, *[1] * (x.dim() - 1)) * noise
         return x.clamp(-1, 1)
+
+
+def make_diffusion(cfg, T, objective, args):
+    """templates.py's and fashion.py's chain of T steps for a model config: a CategoricalDiffusion
+    with the categorical flags (cli.add_categorical_flags) for a CategoricalConfig, else smd's."""
+    if isinstance(cfg, CategoricalConfig):
+        return CategoricalDiffusion(T, objective=objective, cap=args.nll_cap, mean_loss=args.mean_loss,
+                                    fit_pi=args.fit_pi)
+    return Diffusion(T, objective=objective)
 
 
 def train_loop(model, diffusion, draw, args, label=""):

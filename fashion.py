@@ -68,7 +68,7 @@ import data
 import fid
 import inception
 import smd
-from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, train_loop
+from categorical import CategoricalConfig, CategoricalUNet, make_diffusion, train_loop
 from unet import UNet, UNetConfig, matched_width, n_params
 
 PROG = "fashion.py"
@@ -246,15 +246,13 @@ def sample(model, diffusion, n, size, var, generator, batch=512):
 
 def run_T(T, args, specs, ctx, rows, info, samples):
     gen = lambda s: torch.Generator().manual_seed(args.seed * 100003 + 1000 * T + s)
+    train_x = ctx["x_train"]
+    draw = lambda n, g: to_model(train_x[torch.randint(len(train_x), (n,), generator=g)])   # n training images
     for name, (cfg, objective) in specs.items():
-        diffusion = CategoricalDiffusion(T, objective=objective, cap=args.nll_cap, mean_loss=args.mean_loss,
-                                         fit_pi=args.fit_pi) if isinstance(cfg, CategoricalConfig) \
-            else smd.Diffusion(T, objective=objective)
+        diffusion = make_diffusion(cfg, T, objective, args)
         torch.manual_seed(args.seed)
         model, t0 = build(cfg), time.time()
-        x = ctx["x_train"]
-        loss, ms = train_loop(model, diffusion, lambda n, g: to_model(x[torch.randint(len(x), (n,), generator=g)]),
-                              args, f"T={T} {name}")
+        loss, ms = train_loop(model, diffusion, draw, args, f"T={T} {name}")
         model.eval()
         train_s, t1 = time.time() - t0, time.time()
         x = sample(model, diffusion, args.n, args.image_size, args.var, gen(1))

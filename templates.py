@@ -36,7 +36,7 @@ import cli
 import data
 import gmm
 import smd
-from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, train_loop
+from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, make_diffusion, train_loop
 from unet import UNet, UNetConfig, matched_width, n_params
 
 # -----------------------------------------------------------------------------
@@ -160,9 +160,7 @@ def run_T(T, args, specs, rows, info, samples):
     score("best Gaussian", dif_eps.sample(DATA.best_gaussian_model(dif_eps), x_T.shape, var=args.var, generator=g,
                                           x_T=x_T))
     for name, (cfg, objective) in specs.items():
-        diffusion = CategoricalDiffusion(T, objective=objective, cap=args.nll_cap, mean_loss=args.mean_loss,
-                                         fit_pi=args.fit_pi) if isinstance(cfg, CategoricalConfig) \
-            else smd.Diffusion(T, objective=objective)
+        diffusion = make_diffusion(cfg, T, objective, args)
         torch.manual_seed(args.seed)
         model, t0 = build(cfg), time.time()
         loss = train_loop(model, diffusion, lambda n, g: images(DATA.sample(n, g)), args, f"T={T} {name}")[0]

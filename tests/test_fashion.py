@@ -13,6 +13,7 @@ import torch
 import fashion
 import fid
 import inception
+from categorical import CategoricalDiffusion
 from unet import UNet, n_params
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -66,8 +67,8 @@ def test_models_are_matched_and_the_control_is_sized_like_smd():
 def test_tiny_end_to_end(tmp_path, monkeypatch):
     fid_on = inception.find_fid_helper_weights() is not None
     out = tmp_path / "out"
-    calls, split = [], fashion.CategoricalDiffusion.split_blends
-    monkeypatch.setattr(fashion.CategoricalDiffusion, "split_blends", lambda *a: calls.append(a[2].shape) or split(*a))
+    calls, split = [], CategoricalDiffusion.split_blends
+    monkeypatch.setattr(CategoricalDiffusion, "split_blends", lambda *a: calls.append(a[2].shape) or split(*a))
     argv = ["--T", "2,3", "--iters", "2", "--batch-size", "4", "--n", "2", "--fid-ref-n", "2",
             "--classifier-iters", "20", "--width", "8", "--latent-dim", "4", "--components", "2", "--split",
             "--threads", "1", "--out-dir", str(out)]
