@@ -121,11 +121,13 @@ def temperature(step, total, tau0, frac=0.5):
 class CategoricalDiffusion(Diffusion):
     """The same chain as smd.Diffusion; its loss is the exact mixture likelihood (each step's
     weighted by `capped_weight` if `cap` is set; plus `mean_loss` x Algorithm 1's loss on the
-    mixture's mean) and its sampler picks a component at every step."""
+    mixture's mean) and its sampler picks a component at every step (with `draw_snr`, only at
+    the steps whose x_t has a signal-to-noise ratio at most draw_snr; see `sample`)."""
 
-    def __init__(self, T=1000, schedule="linear", objective="eps", cap=None, mean_loss=0.0, fit_pi=False):
+    def __init__(self, T=1000, schedule="linear", objective="eps", cap=None, mean_loss=0.0, fit_pi=False,
+                 draw_snr=None):
         super().__init__(T, schedule, objective)
-        self.cap, self.mean_loss, self.fit_pi = cap, mean_loss, fit_pi
+        self.cap, self.mean_loss, self.fit_pi, self.draw_snr = cap, mean_loss, fit_pi, draw_snr
 
     def mixture(self, model, x_t, t):
         """The mixture at x_t: x0_hat_k (B, K, ...) in float64, log pi_k (B, K), the variance
@@ -246,7 +248,12 @@ class CategoricalDiffusion(Diffusion):
     def sample(self, model, shape, steps=None, var="small", generator=None, x_T=None, update=None):
         """Ancestral sampling: at every step k ~ pi(x_t), then Alg. 2 line 7 with eps_hat from
         x0_hat_k and sigma_t^2 from `var`, or the component's own learned variance (added at every
-        step, the last one included, unless `update` replaces the step, e.g. smd.ddim_update)."""
+        step, the last one included, unless `update` replaces the step, e.g. smd.ddim_update).
+        With `draw_snr`, a component is drawn only at steps whose x_t has abar_t / (1 - abar_t) <=
+        draw_snr; at the less noisy steps x0_hat is the mixture's mean sum_k pi_k x0_hat_k (and a
+        learned variance the pi-weighted mean of the components'): there x_t pins down one mode, and
+        what the components' predictions still differ by is their own error, which drawing one
+        adds to the sample and averaging cancels."""
         x = x_T if x_T is not None else torch.randn(shape, device=self.betas.device, generator=generator)
         u = torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)   # K = 1: no choice to draw
         rows = torch.arange(x.shape[0], device=x.device)
@@ -255,17 +262,22 @@ class CategoricalDiffusion(Diffusion):
             noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
             x0_k, log_pi, var_logits = self.mixture(model, x, torch.full((x.shape[0],), t, device=x.device,
                                                                          dtype=torch.long))
-            if x0_k.shape[1] > 1:
-                torch.rand(u.shape, generator=generator, out=u)
-            k = (log_pi.float().exp().cumsum(1) < u).sum(1).clamp(max=x0_k.shape[1] - 1)   # k ~ pi, inverse CDF
-            x0 = x0_k[rows, k].to(x.dtype)
+            if self.draw_snr is None or abar / (1 - abar) <= self.draw_snr:   # draw k ~ pi (inverse CDF)
+                if x0_k.shape[1] > 1:
+                    torch.rand(u.shape, generator=generator, out=u)
+                k, pi = (log_pi.float().exp().cumsum(1) < u).sum(1).clamp(max=x0_k.shape[1] - 1), None
+                x0 = x0_k[rows, k].to(x.dtype)
+            else:                                                              # x0_bar = sum_k pi_k x0_hat_k
+                pi = log_pi.exp()
+                x0 = (pi.view(*pi.shape, *[1] * (x.dim() - 1)) * x0_k).sum(1).to(x.dtype)
             eps_hat = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
             if var_logits is None or update is not None:
                 x = (update or (lambda *a: ddpm_update(*a, var=var)))(x, eps_hat, noise, abar, abar_prev)
                 continue
             alpha = abar / abar_prev
             beta_tilde = posterior(abar, abar_prev)[2] if abar_prev < 1 else beta_tilde   # last step: the one before's
-            f = torch.sigmoid(var_logits[rows, k].to(x.dtype))
+            f = torch.sigmoid(var_logits.to(x.dtype))
+            f = f[rows, k] if pi is None else (pi.to(x.dtype) * f).sum(1)
             log_s2 = math.log(beta_tilde) + f * (math.log(1 - alpha) - math.log(beta_tilde))
             mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)   # Alg. 2 line 7's mean
             x = mean + (0.5 * log_s2).exp().view(-1, *[1] * (x.dim() - 1)) * noise
@@ -277,7 +289,7 @@ def make_diffusion(cfg, T, objective, args):
     with the categorical flags (cli.add_categorical_flags) for a CategoricalConfig, else smd's."""
     if isinstance(cfg, CategoricalConfig):
         return CategoricalDiffusion(T, objective=objective, cap=args.nll_cap, mean_loss=args.mean_loss,
-                                    fit_pi=args.fit_pi)
+                                    fit_pi=args.fit_pi, draw_snr=args.draw_snr)
     return Diffusion(T, objective=objective)
 
 

@@ -187,5 +187,8 @@ def add_categorical_flags(p):
                    help="categorical: variances fixed at beta_tilde instead of learned")
     p.add_argument("--fit-pi", action="store_true",
                    help="categorical: pi also weighs each component by N(eps_hat_k; 0, I), its own fit to x_t")
+    p.add_argument("--draw-snr", type=nonneg_float, default=None,
+                   help="categorical sampling: draw a component only where x_t's SNR abar/(1-abar) <= this, "
+                        "else the mixture's mean (default: at every step)")
     p.add_argument("--split", action="store_true",
                    help="categorical: after annealing, blends are copied into the least used components (split_blends)")

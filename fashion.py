@@ -201,7 +201,7 @@ def scores(x, clf, clf_ref, net, fid_ref):
 
 def config(args, ch, **kw):
     fields = dict(image_size=args.image_size, channels=1, ch=ch, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(),
-                  dropout=0.0, **kw)
+                  dropout=0.0, norm_groups=args.norm_groups, **kw)
     return CategoricalConfig(**fields) if kw.get("components") else UNetConfig(**fields)
 
 
@@ -321,6 +321,8 @@ def get_parser():
     p.add_argument("--width", type=cli.int_at_least(4, "U-Net width"), default=32,
                    help="vanilla's U-Net width (ch); the others are matched to its parameter count")
     p.add_argument("--no-match-params", dest="match_params", action="store_false", help="every model at --width")
+    p.add_argument("--norm-groups", type=cli.positive_int, default=32,
+                   help="GroupNorm groups: gcd(this, channels) per layer (unet.norm; 32: DDPM's)")
     p.add_argument("--latent-dim", type=cli.positive_int, default=16, help="SMD's eta and z_t")
     p.add_argument("--components", type=cli.positive_int, default=10,
                    help="K of the categorical model (1: one Gaussian trained by its exact likelihood)")

@@ -35,6 +35,7 @@ class UNetConfig:
     dropout: float = 0.1
     smd: bool = False            # Soft Mixture Denoising: g_xi and f_phi (smd.SoftMixture)
     latent_dim: int = 64         # SMD: dimension of eta and z_t
+    norm_groups: int = 32        # GroupNorm: gcd(norm_groups, channels) groups in each layer (DDPM: 32)
 
     def __post_init__(self):
         if self.ch_mult is None:
@@ -42,13 +43,17 @@ class UNetConfig:
                 raise ValueError(f"image_size={self.image_size}: give ch_mult, or use one of {sorted(DEFAULT_CH_MULT)}")
             self.ch_mult = DEFAULT_CH_MULT[self.image_size]
         self.ch_mult, self.attn_res = tuple(self.ch_mult), tuple(self.attn_res)
+        if self.norm_groups < 1:
+            raise ValueError(f"norm_groups={self.norm_groups}: GroupNorm needs at least one group")
         if self.image_size % 2 ** (len(self.ch_mult) - 1):
             raise ValueError(f"image_size={self.image_size} is not divisible by 2^{len(self.ch_mult) - 1} "
                              f"(ch_mult={self.ch_mult})")
 
 
 def norm(ch):
-    """GroupNorm with DDPM's (TensorFlow's) epsilon; 32 groups, fewer when ch is no multiple of 32."""
+    """GroupNorm with DDPM's (TensorFlow's) epsilon; 32 groups, fewer when ch is no multiple of 32
+    (UNetConfig.norm_groups changes the 32). At small widths the count swings with ch: 32 channels
+    make 32 groups of one (each channel normalised on its own over the image), 30 make 2 of 15."""
     return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
 
 
@@ -139,6 +144,9 @@ class UNet(nn.Module):
                 self.up.append(Upsample(ch))
                 res *= 2
         self.out = self.output_layer(ch)
+        for m in self.modules():   # gcd(norm_groups, channels) groups in every GroupNorm
+            if isinstance(m, nn.GroupNorm):
+                m.num_groups = math.gcd(c.norm_groups, m.num_channels)
 
         # SMD: f_phi modulates the middle and decoder ResBlocks; `modulated` indexes them in mid + up
         layers = [*self.mid, *self.up]

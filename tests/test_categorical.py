@@ -180,6 +180,54 @@ def test_mixture_sampler_picks_components_with_their_probabilities():
     assert spread == pytest.approx(math.sqrt(beta), rel=0.03)   # standard error 1 / sqrt(2 n) = 0.4%
 
 
+class Linear(torch.nn.Module):
+    """Components whose x0_hat_k = m_k + slope x_t (v objective), with logits that depend on x_t,
+    or the given fixed ones."""
+
+    def __init__(self, d, m, slope=0.5, logits=None):
+        super().__init__()
+        self.d, self.m, self.slope, self.logits = d, m, slope, logits
+
+    def forward(self, x, t, eta=None):
+        a = self.d.alphas_cumprod[t].view(-1, 1, 1)
+        x0 = self.m[None] + self.slope * x[:, None]
+        logits = torch.stack([x.sum(1), -x.sum(1), x[:, 0]], 1) if self.logits is None else self.logits.expand(len(x), -1)
+        return (a.sqrt() * x[:, None] - x0) / (1 - a).sqrt(), logits, None
+
+
+def test_draw_snr_steps_with_the_mixture_mean_where_x_t_is_clear():
+    """draw_snr = 0: no step draws (every abar_t > 0), and the sampler is DDPM's with the mixture's
+    mean x0_bar = sum_k pi_k x0_hat_k as its prediction, step for step; draw_snr = inf draws at
+    every step, the sampler without it, bit for bit; in between, the noisy steps draw (the samples
+    differ from the mean-only chain's) and the clear ones do not (with x0_hat_k constant in x_t and
+    fixed pi, every sample ends on sum_k pi_k x0_hat_k, where drawing would end on an x0_hat_k)."""
+    d = CategoricalDiffusion(T=5, objective="v")
+    m = torch.tensor([[-0.8, 0.2], [0.0, -0.5], [0.8, 0.4]], dtype=torch.float64)
+    model = Linear(d, m)
+
+    def mean_eps(x, t, eta=None):
+        x0_k, log_pi, _ = d.mixture(model, x, t)
+        a = d.alphas_cumprod[t].view(-1, 1)
+        return (x - a.sqrt() * (log_pi.exp()[..., None] * x0_k).sum(1)) / (1 - a).sqrt()
+
+    x_T = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    run = lambda m_, snr, **kw: CategoricalDiffusion(T=5, objective="v", draw_snr=snr).sample(
+        m_, x_T.shape, x_T=x_T.clone(), generator=torch.Generator().manual_seed(1), **kw)
+    for var in ("small", "large"):
+        ddpm = smd.Diffusion(T=5).sample(mean_eps, x_T.shape, x_T=x_T.clone(), var=var,
+                                          generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(run(model, 0.0, var=var), ddpm, rtol=0, atol=1e-12)
+    assert torch.equal(run(model, math.inf), run(model, None))
+    snr = [a / (1 - a) for _, a, _ in d.step_coefficients()]    # rising along the chain
+    mid = math.sqrt(snr[2] * snr[3])                               # draw at t = 4, 3, 2; the mean at t = 1, 0
+    assert (run(model, mid) - run(model, 0.0)).abs().max() > 1e-3
+    pi = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    const = Linear(d, m, slope=0.0, logits=pi.log())
+    torch.testing.assert_close(run(const, mid), (pi[:, None] * m).sum(0).expand_as(x_T), rtol=0, atol=1e-12)
+    drawn = run(const, math.inf)
+    assert all((drawn - m[k]).abs().max(1).values.lt(1e-9).any() for k in range(3))
+
+
 def test_capped_weight(monkeypatch):
     """w_t = min(1, cap * 2 sigma_t^2 / c0^2) multiplies each example's NLL: with every example at
     one t the capped loss is w_t times the exact one, on the same draws; a cap too large to bind

@@ -65,6 +65,26 @@ def test_bad_input_and_config_raise():
         UNetConfig(image_size=48)
     with pytest.raises(ValueError, match="not divisible"):
         UNetConfig(image_size=34, ch_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match="norm_groups=0"):
+        UNetConfig(norm_groups=0)
+
+
+def test_norm_groups_sets_every_groupnorm_and_is_used():
+    """norm_groups = G gives each GroupNorm gcd(G, channels) groups (DDPM's 32 by default), in
+    forward too: the same weights under 4 groups compute what F.group_norm with 4 groups does."""
+    groups = lambda m: {(g.num_channels, g.num_groups) for g in m.modules() if isinstance(g, torch.nn.GroupNorm)}
+    assert groups(tiny()) == {(32, 32), (64, 32), (96, 32), (128, 32)}
+    assert groups(tiny(ch=30)) == {(30, 2), (60, 4), (90, 2), (120, 8)}
+    four = randomize(tiny(norm_groups=4)).eval()
+    assert groups(four) == {(32, 4), (64, 4), (96, 4), (128, 4)}
+    x = torch.randn(2, 32, 8, 8)
+    g = four.down[0].norm1
+    torch.testing.assert_close(g(x), torch.nn.functional.group_norm(x, 4, g.weight, g.bias, 1e-6))
+    default = tiny().eval()
+    default.load_state_dict(four.state_dict())
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert (default(x, t) - four(x, t)).abs().max() > 1e-3
 
 
 def test_untrained_smd_equals_vanilla_then_depends_on_eta():
