@@ -63,6 +63,19 @@ def test_models_are_matched_and_the_control_is_sized_like_smd():
     assert {k: o for k, (_, o) in v.items()} == {"vanilla (v)": "v", "SMD (v)": "v"}
 
 
+def test_no_model_normalises_a_channel_alone():
+    """--norm-groups 4 (the default) reaches every model: each GroupNorm of vanilla (ch 32), SMD
+    (ch 30) and the categorical model has 2-4 groups of at least 8 channels; with DDPM's 32 vanilla's
+    first level has 32 groups of one channel, SMD's 2 of 15."""
+    def sizes(argv):
+        specs = fashion.model_specs(fashion.get_parser().parse_args(argv))
+        return {name: {g.num_channels // g.num_groups for g in fashion.build(cfg).modules()
+                       if isinstance(g, torch.nn.GroupNorm)} for name, (cfg, _) in specs.items()}
+    assert all(min(s) >= 8 for s in sizes([]).values())
+    old = sizes(["--norm-groups", "32"])
+    assert min(old["vanilla"]) == 1 and min(old["SMD"]) == 15
+
+
 @pytest.mark.skipif(not HAVE_FASHION, reason="Debian's dataset-fashion-mnist is not installed")
 def test_tiny_end_to_end(tmp_path, monkeypatch):
     fid_on = inception.find_fid_helper_weights() is not None
