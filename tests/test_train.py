@@ -78,8 +78,10 @@ def test_mnist_format_files(tmp_path, offline):
         x = data.load_images(name, str(tmp_path / "data"))
         assert x.shape == (12, 1, 32, 32) and np.array_equal(x[:, 0, 2:30, 2:30], digits)
         assert x[:, :, :2].max() == x[:, :, 30:].max() == x[:, :, :, :2].max() == 0   # zero padding
-    r = run(tmp_path / "out", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--max-steps", "2")
+    r = run(tmp_path / "out", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--max-steps", "2",
+            "--norm-groups", "4")
     assert r["model_config"].channels == 1 and r["config"]["flip"] is False   # no flips for digits
+    assert r["model_config"].norm_groups == 4 and "norm_groups" not in r["config"]
 
 
 def test_missing_data_offline_says_where(tmp_path, offline, capsys):
