@@ -191,7 +191,8 @@ class Linear(torch.nn.Module):
     def forward(self, x, t, eta=None):
         a = self.d.alphas_cumprod[t].view(-1, 1, 1)
         x0 = self.m[None] + self.slope * x[:, None]
-        logits = torch.stack([x.sum(1), -x.sum(1), x[:, 0]], 1) if self.logits is None else self.logits.expand(len(x), -1)
+        logits = (torch.stack([x.sum(1), -x.sum(1), x[:, 0]], 1) if self.logits is None
+                  else self.logits.expand(len(x), -1))
         return (a.sqrt() * x[:, None] - x0) / (1 - a).sqrt(), logits, None
 
 

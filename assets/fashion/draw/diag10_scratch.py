@@ -1,5 +1,5 @@
 # scratch: where does the T=10 categorical model lose FID? train (or load) it, sample variants.
-# python diag10.py SNAPDIR OUTDIR variant[,variant...] [fashion flags...]
+# python diag10_scratch.py SNAPDIR OUTDIR pi,mean,argmax [fashion flags...]   (SNAPDIR: a copy of the repository)
 import json, math, os, sys, time
 snap, outdir, variants = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 sys.path.insert(0, snap)

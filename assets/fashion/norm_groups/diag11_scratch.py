@@ -1,5 +1,5 @@
 # scratch: train (or load) a fashion.py categorical model, sample it with and without --draw-snr (the repo's sampler).
-# python diag10.py SNAPDIR OUTDIR variant[,variant...] [fashion flags...]
+# python diag11_scratch.py SNAPDIR OUTDIR all,snr0.1 [fashion flags...]   (SNAPDIR: a copy of the repository)
 import json, math, os, sys, time
 snap, outdir, variants = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 sys.path.insert(0, snap)
