@@ -146,6 +146,11 @@ class CategoricalDiffusion(Diffusion):
             logits = logits - 0.5 * eps_k.flatten(2).pow(2).sum(2)
         return x0_k, F.log_softmax(logits, 1), var_logits
 
+    @staticmethod
+    def mixture_mean(x0_k, log_pi):
+        """x0_bar = sum_k pi_k x0_hat_k, (B, ...) from x0_hat_k (B, K, ...) and log pi (B, K)."""
+        return (log_pi.exp().view(*log_pi.shape, *[1] * (x0_k.dim() - 2)) * x0_k).sum(1)
+
     def step_terms(self, t):
         """At timesteps t: abar_t, beta_t, c0 (x_0's coefficient in the posterior mean, Eq. 7),
         beta_tilde_t and sigma_t^2 = beta_tilde_t clipped at t = 0 to its t = 1 value."""
@@ -190,7 +195,7 @@ class CategoricalDiffusion(Diffusion):
             nll = nll - torch.logsumexp(log_pi.detach() - r2 / (2 * log_s2.exp()) - 0.5 * d.shape[2] * log_s2, 1)
         loss = (w * nll).mean() / d.shape[2]
         if self.mean_loss:   # Algorithm 1's loss (line 9) on the mixture's mean prediction
-            x0_bar = (log_pi.exp().view(B, -1, *[1] * (x0.dim() - 1)) * x0_k).sum(1)   # sum_k pi_k x0_hat_k
+            x0_bar = self.mixture_mean(x0_k, log_pi)
             ab = abar.view(B, *[1] * (x0.dim() - 1))
             eps_bar = (x_t - ab.sqrt() * x0_bar) / (1 - ab).sqrt()
             loss = loss + self.mean_loss * (eps - eps_bar).pow(2).mean()
@@ -265,11 +270,11 @@ class CategoricalDiffusion(Diffusion):
             if self.draw_snr is None or abar / (1 - abar) <= self.draw_snr:   # draw k ~ pi (inverse CDF)
                 if x0_k.shape[1] > 1:
                     torch.rand(u.shape, generator=generator, out=u)
-                k, pi = (log_pi.float().exp().cumsum(1) < u).sum(1).clamp(max=x0_k.shape[1] - 1), None
+                k, mean_step = (log_pi.float().exp().cumsum(1) < u).sum(1).clamp(max=x0_k.shape[1] - 1), False
                 x0 = x0_k[rows, k].to(x.dtype)
             else:                                                              # x0_bar = sum_k pi_k x0_hat_k
-                pi = log_pi.exp()
-                x0 = (pi.view(*pi.shape, *[1] * (x.dim() - 1)) * x0_k).sum(1).to(x.dtype)
+                mean_step = True
+                x0 = self.mixture_mean(x0_k, log_pi).to(x.dtype)
             eps_hat = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
             if var_logits is None or update is not None:
                 x = (update or (lambda *a: ddpm_update(*a, var=var)))(x, eps_hat, noise, abar, abar_prev)
@@ -277,7 +282,7 @@ class CategoricalDiffusion(Diffusion):
             alpha = abar / abar_prev
             beta_tilde = posterior(abar, abar_prev)[2] if abar_prev < 1 else beta_tilde   # last step: the one before's
             f = torch.sigmoid(var_logits.to(x.dtype))
-            f = f[rows, k] if pi is None else (pi.to(x.dtype) * f).sum(1)
+            f = (log_pi.exp().to(x.dtype) * f).sum(1) if mean_step else f[rows, k]
             log_s2 = math.log(beta_tilde) + f * (math.log(1 - alpha) - math.log(beta_tilde))
             mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)   # Alg. 2 line 7's mean
             x = mean + (0.5 * log_s2).exp().view(-1, *[1] * (x.dim() - 1)) * noise

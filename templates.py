@@ -127,7 +127,7 @@ def mean_eps(model, diffusion, x_t, t):
     if not isinstance(diffusion, CategoricalDiffusion):
         return diffusion.predict_eps(model, x_t, t)
     x0_k, log_pi, _ = diffusion.mixture(model, x_t, t)
-    x0 = (log_pi.exp()[..., None, None, None] * x0_k).sum(1).float()
+    x0 = diffusion.mixture_mean(x0_k, log_pi).float()
     return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
 
 

@@ -64,8 +64,7 @@ def get_parser():
     p.add_argument("--attn-res", type=cli.int_list, default=UNetConfig.attn_res,
                    help='resolutions with attention, "" for none')
     p.add_argument("--dropout", type=cli.dropout, default=UNetConfig.dropout)
-    p.add_argument("--norm-groups", type=cli.positive_int, default=UNetConfig.norm_groups,
-                   help="GroupNorm groups: gcd(this, channels) per layer (DDPM: 32)")
+    p.add_argument("--norm-groups", type=cli.positive_int, default=UNetConfig.norm_groups, help="gcd(this, ch) GroupNorm groups")
     p.add_argument("--smd", action="store_true", help="Soft Mixture Denoising (else plain DDPM)")
     p.add_argument("--latent-dim", type=cli.positive_int, default=UNetConfig.latent_dim, help="SMD: size of eta, z_t")
     p.add_argument("--eta-samples", type=cli.positive_int, default=1, help="SMD: etas per example (Sec. 5.4)")
