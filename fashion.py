@@ -51,10 +51,15 @@ distance ~7 s; the classifier (2000 steps of 128) ~3 min. The default run: about
     python fashion.py --T 2 --iters 20 --n 64 --no-fid --classifier-iters 100   # minutes
 
 Every flag and output path is checked, the data read and the Inception loaded, before training.
-Outputs in --out-dir: fashion_results.json (all numbers, config, timings), fashion.png (rows =
-models, columns = T, 16 samples each) and the cached FID reference statistics.
+Outputs in --out-dir: fashion_results.json (all numbers, config, timings and the figure's 16
+samples a model), fashion.png (rows = models, columns = T, 16 samples each) and the cached
+Inception statistics of the test images and of the data row (one file per --seed and --n).
+Runs made one T or one model at a time go into one figure without training anything:
+
+    python fashion.py --figure-from out/fashion/a.json out/fashion/b.json --png out/fashion/all.png
 """
 
+import json
 import math
 import os
 import time
@@ -168,16 +173,16 @@ def nhwc(x):
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def reference_stats(net, x, path):
+def reference_stats(net, x, path, what="FID reference"):
     """(mu, sigma) of the Inception features of uint8 images x, cached in `path` (.npz)."""
     if os.path.isfile(path):
         with np.load(path) as f:
-            print(f"FID reference: cached statistics {path} (N={int(f['n'])})", flush=True)
+            print(f"{what}: cached statistics {path} (N={int(f['n'])})", flush=True)
             return f["mu"], f["sigma"]
     t0 = time.time()
-    mu, sigma = fid.stats(inception.features(net, nhwc(x), batch_size=100, progress="FID reference"))
+    mu, sigma = fid.stats(inception.features(net, nhwc(x), batch_size=100, progress=what))
     data.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=len(x)))
-    print(f"FID reference: {len(x)} images in {time.time() - t0:.0f}s, cached in {path}", flush=True)
+    print(f"{what}: {len(x)} images in {time.time() - t0:.0f}s, cached in {path}", flush=True)
     return mu, sigma
 
 
@@ -188,13 +193,17 @@ def frechet_to(feats, mu, sigma):
         return fid.frechet_distance(*fid.stats(feats), mu, sigma)
 
 
-def scores(x, clf, clf_ref, net, fid_ref):
-    """The classifier's metrics, FD-clf and (with an Inception) FID of uint8 images x."""
+def scores(x, clf, clf_ref, net, fid_ref, cache=None):
+    """The classifier's metrics, FD-clf and (with an Inception) FID of uint8 images x; `cache`:
+    a .npz for x's Inception statistics (the data row's, the same for every run of one seed)."""
     probs, feats = classify(clf, x)
     out = dict(**class_metrics(probs), fd_clf=frechet_to(feats, *clf_ref))
     if net is not None:
         t0 = time.time()
-        out["fid"] = frechet_to(inception.features(net, nhwc(x), batch_size=100), *fid_ref)
+        if cache:
+            out["fid"] = fid.frechet_distance(*reference_stats(net, x, cache, "FID data row"), *fid_ref)
+        else:
+            out["fid"] = frechet_to(inception.features(net, nhwc(x), batch_size=100), *fid_ref)
         out["fid_s"] = time.time() - t0
     return out
 
@@ -311,6 +320,29 @@ def figure(rows, samples, path):
     data.figure(names, Ts, lambda name, T: tile(samples[(name, row(name, T)["T"])]) if row(name, T) else None,
                 caption, path)
 
+
+def merge_runs(paths):
+    """(rows, samples) of several runs' JSON, for one figure: the first run's data row and each
+    model's row at each T once (the same model at the same T in two runs is refused)."""
+    rows, samples, seen = [], {}, {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                res = json.load(f)
+            runs = {(name, T): x for name, T, x in res["samples"]}
+            got = [(r, torch.tensor(runs[(r["model"], r["T"])], dtype=torch.uint8)) for r in res["rows"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            cli.fail(PROG, f"--figure-from {path}: not a fashion.py results JSON with samples ({e!r}); "
+                           "runs from before samples were saved need rerunning")
+        for r, x in got:
+            key = (r["model"], r["T"])
+            if key in seen and key != ("data", 0):
+                cli.fail(PROG, f"--figure-from: {r['model']} at T={r['T']} is in both {seen[key]} and {path}")
+            if key not in seen:
+                rows.append(r)
+                seen[key], samples[key] = path, x
+    return rows, samples
+
 # -----------------------------------------------------------------------------
 # the command line: everything checked before the work
 
@@ -351,6 +383,8 @@ def get_parser():
     p.add_argument("--out-dir", default="out/fashion", help="results, figure and the cached FID reference")
     p.add_argument("--json", default=None, help="results (default: out-dir/fashion_results.json); '' for none")
     p.add_argument("--png", default=None, help="figure (default: out-dir/fashion.png); '' for none")
+    p.add_argument("--figure-from", nargs="+", metavar="JSON", default=None,
+                   help="draw --png from these runs' results (rows and samples) and stop; nothing is trained")
     return p
 
 
@@ -382,6 +416,10 @@ def check_args(args):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     check_args(args)
+    if args.figure_from:
+        rows, samples = merge_runs(args.figure_from)
+        print(table(rows))
+        return figure(rows, samples, args.png or os.path.join(args.out_dir, "fashion.png"))
     cli.set_threads(args.threads)
     t0 = time.time()
     try:   # the data and the Inception before any training
@@ -401,25 +439,27 @@ def main(argv=None):
     classifier = dict(test_accuracy=acc, iters=args.classifier_iters, seconds=time.time() - t1,
                       test_metrics=class_metrics(probs))
     print(f"classifier: test accuracy {acc:.4f}, {classifier['seconds']:.0f}s", flush=True)
-    fid_ref = None
+    fid_ref, data_cache = None, None
     if net is not None:
         tag = os.path.splitext(os.path.basename(args.fid_weights))[0]
         cache = os.path.join(args.out_dir, f"fid_ref_test_{args.image_size}px_n{args.fid_ref_n}_{tag}.npz")
         fid_ref = reference_stats(net, x_test[:args.fid_ref_n], cache)
+        data_cache = os.path.join(args.out_dir, f"fid_data_train_{args.image_size}px_n{args.n}_seed{args.seed}_{tag}.npz")
     ctx = dict(x_train=x_train, x_test=x_test,
-               score=lambda x: scores(x, clf, fid.stats(feats), net, fid_ref))
+               score=lambda x, cache=None: scores(x, clf, fid.stats(feats), net, fid_ref, cache))
 
     real = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:args.n]]
-    rows, info, samples = [dict(model="data", T=0, **ctx["score"](real))], {}, {("data", 0): real[:16]}
+    rows, info, samples = [dict(model="data", T=0, **ctx["score"](real, data_cache))], {}, {("data", 0): real[:16]}
     if "fid_s" in rows[0]:
-        print(f"data: FID {rows[0]['fid']:.2f} ({args.n / rows[0]['fid_s']:.2f} img/s)", flush=True)
+        print(f"data: FID {rows[0]['fid']:.2f} ({rows[0]['fid_s']:.0f}s)", flush=True)
     for T in args.T:
         run_T(T, args, specs, ctx, rows, info, samples)
     print(table(rows))
     print(f"total {time.time() - t0:.0f}s")
     if args.json:
         result = dict(config=vars(args), classifier=classifier, models=info, rows=rows, seconds=time.time() - t0,
-                      torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count())
+                      torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
+                      samples=[[name, T, x.tolist()] for (name, T), x in samples.items()])   # the figure's
         data.save_json(result, args.json)
     if args.png:   # last: a bad path costs no results
         figure(rows, samples, args.png)

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import fashion
 import fid
@@ -77,7 +78,7 @@ def test_no_model_normalises_a_channel_alone():
 
 
 @pytest.mark.skipif(not HAVE_FASHION, reason="Debian's dataset-fashion-mnist is not installed")
-def test_tiny_end_to_end(tmp_path, monkeypatch):
+def test_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     fid_on = inception.find_fid_helper_weights() is not None
     out = tmp_path / "out"
     calls, split = [], CategoricalDiffusion.split_blends
@@ -98,6 +99,15 @@ def test_tiny_end_to_end(tmp_path, monkeypatch):
     assert res["models"]["SMD T=2"]["eta_sens"] is not None and res["models"]["vanilla T=3"]["eta_sens"] is None
     assert (out / "fashion.png").stat().st_size > 1000
     assert not fid_on or len(list(out.glob("fid_ref_test_16px_n2_*.npz"))) == 1   # the cached reference
+    assert not fid_on or len(list(out.glob("fid_data_train_16px_n2_seed0_*.npz"))) == 1   # and data row
+
+    # --figure-from: the same figure again from the JSON alone; a model at one T in two runs refused
+    monkeypatch.setattr(fashion, "train_loop", lambda *a: pytest.fail("--figure-from trained a model"))
+    fashion.main(["--figure-from", str(out / "fashion_results.json"), "--out-dir", str(out), "--png", str(out / "b.png")])
+    assert Image.open(out / "b.png").tobytes() == Image.open(out / "fashion.png").tobytes()
+    with pytest.raises(SystemExit) as e:
+        fashion.main(["--figure-from", *[str(out / "fashion_results.json")] * 2, "--out-dir", str(out)])
+    assert e.value.code == 2 and "vanilla at T=2 is in both" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, says", [
