@@ -3,22 +3,18 @@ fashion.py -- the expressive bottleneck on real images at CPU scale: Fashion-MNI
 
 Do few-step chains hit the bottleneck on real data, does SMD as in the paper change anything,
 and does a categorical mixture per reverse step? On chains of T = 2, 5 and 10 steps, trained
-directly, we train small U-Nets (ch_mult 1,2,2, one ResBlock per level, no attention but
-unet.py's fixed one in the first middle block, at 4x4) from the same seed on the same batches
-(drawn from their own generator): vanilla (Algorithm 1, eps), SMD (Algorithm 1 with eta) and,
-beyond the paper, a categorical mixture of K = 10 Gaussians with learned variances, objective
-v, its responsibilities annealed (categorical.temperature, --anneal). SMD and the categorical
-model get the even width whose parameter count is closest to vanilla's (unet.matched_width);
-if SMD is still larger, a vanilla model at SMD's size is trained too. Every GroupNorm has
-gcd(--norm-groups, channels) groups, 4 by default: with DDPM's 32, vanilla at width 32 would
-normalise each channel alone and SMD at width 30 in groups of 15, a difference that alone gave
-SMD a 23-FID lead at T = 5 (docs/fashion.md). The timesteps and the
-noise come from torch's global RNG, seeded alike for every model (the SMD and categorical
-losses draw more from it, so they match vanilla's only at the first step). Vanilla and SMD
-predict eps as in the paper (--objective v: v, as the categorical model). At T = 2 Algorithm
-1's loss weighs the first step's error in x0 by abar / (1 - abar) = 4e-5 (eps or v), and with
-eps that step multiplies eps's error by 157: their samples are noise. --components 1 is the
-control: one Gaussian per step trained by its exact likelihood (Gamma_t kept).
+directly, small U-Nets (ch_mult 1,2,2, one ResBlock per level, attention only in the first
+middle block, at 4x4) learn from the same seed on the same batches: vanilla (Algorithm 1, eps),
+SMD (Algorithm 1 with eta) and, beyond the paper, a categorical mixture of K = 10 Gaussians
+(objective v, responsibilities annealed: categorical.py; its flags as templates.py's). SMD and
+the categorical model get the even width whose parameter count is closest to vanilla's
+(unet.matched_width); if SMD is still larger, vanilla at SMD's size is trained too. Every
+GroupNorm has gcd(--norm-groups, channels) groups, 4 by default: with DDPM's 32, vanilla at
+width 32 normalises each channel alone and SMD at width 30 in groups of 15, which alone gave
+SMD a 23-FID lead at T = 5 (docs/fashion.md). Timesteps and noise come from torch's global
+RNG, seeded alike for every model. At T = 2 Algorithm 1's loss weighs the first step's error
+in x0 by abar / (1 - abar) = 4e-5, and eps-prediction multiplies it by 157: vanilla's and
+SMD's samples are noise. --components 1 is the one-Gaussian control.
 
 Data: the 28x28 images padded to 32x32 (data.py), average-pooled 2x2 to 16x16 and rounded to
 uint8; models see x / 127.5 - 1, samples go back through data.to_uint8.
@@ -329,9 +325,11 @@ def merge_runs(paths):
         try:
             with open(path) as f:
                 res = json.load(f)
-            runs = {(name, T): x for name, T, x in res["samples"]}
-            got = [(r, torch.tensor(runs[(r["model"], r["T"])], dtype=torch.uint8)) for r in res["rows"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            size = res["config"]["image_size"]   # samples: the figure's uint8 images, as hex
+            runs = {(name, T): torch.frombuffer(bytearray.fromhex(x), dtype=torch.uint8).view(-1, 1, size, size)
+                    for name, T, x in res["samples"]}
+            got = [(r, runs[(r["model"], r["T"])]) for r in res["rows"]]
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             cli.fail(PROG, f"--figure-from {path}: not a fashion.py results JSON with samples ({e!r}); "
                            "runs from before samples were saved need rerunning")
         for r, x in got:
@@ -459,7 +457,7 @@ def main(argv=None):
     if args.json:
         result = dict(config=vars(args), classifier=classifier, models=info, rows=rows, seconds=time.time() - t0,
                       torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
-                      samples=[[name, T, x.tolist()] for (name, T), x in samples.items()])   # the figure's
+                      samples=[[name, T, x.numpy().tobytes().hex()] for (name, T), x in samples.items()])
         data.save_json(result, args.json)
     if args.png:   # last: a bad path costs no results
         figure(rows, samples, args.png)

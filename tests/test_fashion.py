@@ -1,6 +1,6 @@
-"""fashion.py: the classifier's scores on constructed predictions, the fast Frechet distance
-against fid.frechet_distance, parameter matching, refusals, and a tiny end-to-end run on
-Debian's Fashion-MNIST with the real FID Inception (CPU, ~20-30 s)."""
+"""fashion.py: the classifier's scores on constructed predictions, parameter matching and
+GroupNorm grouping, refusals, and a tiny end-to-end run on Debian's Fashion-MNIST with the real
+FID Inception, its figure redrawn from its JSON (CPU, ~70 s)."""
 
 import json
 import math
@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import fashion
-import fid
 import inception
 from categorical import CategoricalDiffusion
 from unet import UNet, n_params
