@@ -6,9 +6,10 @@ and does a categorical mixture per reverse step? On chains of T = 2, 5 and 10 st
 directly, small U-Nets (ch_mult 1,2,2, one ResBlock per level, attention only in the first
 middle block, at 4x4) learn from the same seed on the same batches: vanilla (Algorithm 1, eps),
 SMD (Algorithm 1 with eta) and, beyond the paper, a categorical mixture of K = 10 Gaussians
-(objective v, responsibilities annealed: categorical.py; its flags as templates.py's). SMD and
-the categorical model get the even width whose parameter count is closest to vanilla's
-(unet.matched_width); if SMD is still larger, vanilla at SMD's size is trained too. Every
+(learned variances, objective v, responsibilities annealed: categorical.py; the best flags
+found: T = 2 --split, T = 5 and 10 --fixed-var --mean-loss 1 --nll-cap 1 --draw-snr 0.1).
+SMD and the categorical model get the even width whose parameter count is closest to
+vanilla's (unet.matched_width); if SMD is still larger, vanilla at SMD's size too. Every
 GroupNorm has gcd(--norm-groups, channels) groups, 4 by default: with DDPM's 32, vanilla at
 width 32 normalises each channel alone and SMD at width 30 in groups of 15, which alone gave
 SMD a 23-FID lead at T = 5 (docs/fashion.md). Timesteps and noise come from torch's global
