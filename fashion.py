@@ -326,11 +326,12 @@ def merge_runs(paths):
             cli.fail(PROG, f"--figure-from {path}: not a fashion.py results JSON with samples ({e!r}); "
                            "runs from before samples were saved need rerunning")
         for r, x in got:
-            if (r["model"], r["T"]) in samples and r["T"]:
+            key = (r["model"], r["T"])
+            if key in samples and r["T"]:   # the data row (T = 0) is every run's: the first one's kept
                 cli.fail(PROG, f"--figure-from: {r['model']} at T={r['T']} is in {path} and an earlier run")
-            if (r["model"], r["T"]) not in samples:
+            if key not in samples:
                 rows.append(r)
-                samples[(r["model"], r["T"])] = x
+                samples[key] = x
     return rows, samples
 
 # -----------------------------------------------------------------------------
