@@ -389,7 +389,7 @@ def check_args(args):
         cli.fail(PROG, f"--n {args.n}: the data row draws N of the 60000 training images; use at most 60000")
     if args.fid_ref_n > 10000:
         cli.fail(PROG, f"--fid-ref-n {args.fid_ref_n}: the test set holds 10000 images")
-    if args.fid:
+    if args.fid and not args.figure_from:   # drawing a figure from JSON needs no Inception
         args.fid_weights = args.fid_weights or inception.find_fid_helper_weights()
         if args.fid_weights is None:
             cli.fail(PROG, "no FID weights: pass --fid-weights PATH (pytorch-fid's .pth or default_1.pt), "

@@ -100,8 +100,10 @@ def test_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     assert not fid_on or len(list(out.glob("fid_ref_test_16px_n2_*.npz"))) == 1   # the cached reference
     assert not fid_on or len(list(out.glob("fid_data_train_seed0_16px_n2_*.npz"))) == 1   # and data row
 
-    # --figure-from: the same figure again from the JSON alone; a model at one T in two runs refused
+    # --figure-from: the same figure again from the JSON alone, without FID weights or training;
+    # a model at one T in two runs refused
     monkeypatch.setattr(fashion, "train_loop", lambda *a: pytest.fail("--figure-from trained a model"))
+    monkeypatch.setattr(inception, "find_fid_helper_weights", lambda: None)
     res = str(out / "fashion_results.json")
     fashion.main(["--figure-from", res, "--out-dir", str(out), "--png", str(out / "b.png")])
     assert Image.open(out / "b.png").tobytes() == Image.open(out / "fashion.png").tobytes()
