@@ -7,15 +7,15 @@ directly, small U-Nets (ch_mult 1,2,2, one ResBlock per level, attention only in
 middle block, at 4x4) learn from the same seed on the same batches: vanilla (Algorithm 1, eps),
 SMD (Algorithm 1 with eta) and, beyond the paper, a categorical mixture of K = 10 Gaussians
 (learned variances, objective v, responsibilities annealed: categorical.py; the best flags
-found: T = 2 --split, T = 5 and 10 --fixed-var --mean-loss 1 --nll-cap 1 --draw-snr 0.1).
+found: T = 2 --split; T = 5 and 10 --fixed-var --mean-loss 1 --nll-cap 1 --draw-snr 0.1, T = 5
+also --fit-pi).
 SMD and the categorical model get the even width whose parameter count is closest to
 vanilla's (unet.matched_width); if SMD is still larger, vanilla at SMD's size too. Every
-GroupNorm has gcd(--norm-groups, channels) groups, 4 by default: with DDPM's 32, vanilla at
-width 32 normalises each channel alone and SMD at width 30 in groups of 15, which alone gave
-SMD a 23-FID lead at T = 5 (docs/fashion.md). Timesteps and noise come from torch's global
-RNG, seeded alike for every model. At T = 2 Algorithm 1's loss weighs the first step's error
-in x0 by abar / (1 - abar) = 4e-5, and eps-prediction multiplies it by 157: vanilla's and
-SMD's samples are noise. --components 1 is the one-Gaussian control.
+GroupNorm has gcd(--norm-groups, channels) groups, 4 by default (DDPM's 32 gave SMD at width
+30 a 23-FID lead over vanilla at width 32: docs/fashion.md). Timesteps and noise come from
+torch's global RNG, seeded alike for every model. At T = 2 vanilla's and SMD's samples are
+noise (Algorithm 1 weighs the first step by abar / (1 - abar) = 4e-5). --components 1 is the
+one-Gaussian control.
 
 Data: 28x28 padded to 32x32 (data.py), average-pooled to 16x16, rounded to uint8; models see
 x / 127.5 - 1. Scores, each on --n samples per model (the same N for all; the "data" row is N
