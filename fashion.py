@@ -30,18 +30,18 @@ training images, the floor at this N, since FID from 2,048 samples is biased hig
              confident samples' class histogram's total variation from uniform (1 if none).
   eta-sens   smd.eta_sensitivity on 64 test images (SMD only; 0 = the latent is unused).
 
-Budget, measured on the project's 2-vCPU machine (one thread, torch 2.14.1, two runs side by
-side): a training step at batch 64 of a ~1.1M-parameter U-Net 0.5-1.1 s (1200 steps: 10-22
-min), sampling ~5.5 ms per image and step, the Inception 2.5-4.8 img/s (the 10k reference
-statistics ~40-66 min, cached; each set of 2,048 samples 7-14 min), the classifier 1-3 min. A
-model at T = 5 took 17-18 min from its first step to its FID; the default run about 4-7 hours.
+Budget on the project's 2-vCPU machine (one thread, torch 2.14.1, two runs side by side): 1200
+training steps at batch 64 take 10-22 min, the 10k test images' Inception statistics 40-66 min
+(once: cached), FID of 2,048 samples 7-14 min, the classifier 1-3 min; a model at T = 5 17-18
+min from its first step to its FID, the default run about 4-7 hours.
 
     python fashion.py                                             # the default run (4-7 h, 1 core)
     python fashion.py --T 2 --iters 600 --n 512 --fid-ref-n 1024 --out-dir out/fashion_T2   # ~1 h
     python fashion.py --T 2 --iters 20 --n 64 --no-fid --classifier-iters 100   # minutes
 
 Flags, paths, data and the Inception are checked before training. Outputs in --out-dir: the
-JSON (numbers, config, timings, the figure's samples), the figure (rows = models, columns = T)
+JSON (numbers, config, timings, the figure's samples; rewritten after every model, so an
+interrupted run keeps what it finished), the figure (rows = models, columns = T)
 and the cached Inception statistics of the test images and of the data row (per --seed, --n).
 Runs made one T or one model at a time go into one figure without training anything:
 
@@ -266,6 +266,7 @@ def run_T(T, args, specs, ctx, rows, info, samples):
         rows.append(row)
         info[f"{name} T={T}"] = m
         samples[(name, T)] = x[:16]
+        ctx["save"]()
         print(f"T={T} {name}: {m['params']:,} params (ch {cfg.ch}), loss {loss:.4f}, {ms:.0f} ms/step, "
               + (f"FID {row['fid']:.2f}, " if "fid" in row else "")
               + f"FD-clf {row['fd_clf']:.2f}, confident {row['confident']:.3f}, coverage {row['coverage']}"
@@ -443,15 +444,18 @@ def main(argv=None):
     rows, info, samples = [dict(model="data", T=0, **ctx["score"](real, data_cache))], {}, {("data", 0): real[:16]}
     if "fid_s" in rows[0]:
         print(f"data: FID {rows[0]['fid']:.2f} ({rows[0]['fid_s']:.0f}s)", flush=True)
+
+    def save():   # after every model, atomically: an interrupted run keeps what it finished
+        if args.json:
+            data.save_json(dict(config=vars(args), classifier=classifier, models=info, rows=rows,
+                                seconds=time.time() - t0, torch=torch.__version__, threads=torch.get_num_threads(),
+                                cpus=os.cpu_count(), samples=[[name, T, x.numpy().tobytes().hex()]
+                                                              for (name, T), x in samples.items()]), args.json)
+    ctx["save"] = save
     for T in args.T:
         run_T(T, args, specs, ctx, rows, info, samples)
     print(table(rows))
     print(f"total {time.time() - t0:.0f}s")
-    if args.json:
-        result = dict(config=vars(args), classifier=classifier, models=info, rows=rows, seconds=time.time() - t0,
-                      torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
-                      samples=[[name, T, x.numpy().tobytes().hex()] for (name, T), x in samples.items()])
-        data.save_json(result, args.json)
     if args.png:   # last: a bad path costs no results
         figure(rows, samples, args.png)
     return rows

@@ -80,12 +80,16 @@ def test_no_model_normalises_a_channel_alone():
 def test_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     fid_on = inception.find_fid_helper_weights() is not None
     out = tmp_path / "out"
-    calls, split = [], CategoricalDiffusion.split_blends
+    calls, split, save_json = [], CategoricalDiffusion.split_blends, fashion.data.save_json
     monkeypatch.setattr(CategoricalDiffusion, "split_blends", lambda *a: calls.append(a[2].shape) or split(*a))
     argv = ["--T", "2,3", "--iters", "2", "--batch-size", "4", "--n", "2", "--fid-ref-n", "2",
             "--classifier-iters", "20", "--width", "8", "--latent-dim", "4", "--components", "2", "--split",
             "--threads", "1", "--out-dir", str(out)]
+    saved = []   # the JSON is rewritten after every model: an interrupted run keeps what it finished
+    keys = lambda obj: [(r["model"], r["T"]) for r in obj["rows"]]
+    monkeypatch.setattr(fashion.data, "save_json", lambda obj, path: saved.append(keys(obj)) or save_json(obj, path))
     fashion.main(argv + ([] if fid_on else ["--no-fid"]))
+    assert [len(r) for r in saved] == list(range(2, 8)) and saved[0] == [("data", 0), ("vanilla", 2)]
     assert calls == [(512, 1, 16, 16)] * 2   # --split: once per T (step 1 of 2), for the categorical model only
     res = json.loads((out / "fashion_results.json").read_text())
     got = {(r["model"], r["T"]) for r in res["rows"]}
