@@ -1,4 +1,4 @@
-"""fashion.py: the classifier's scores on constructed predictions, parameter matching and
+"""fashion.py and fashion_classifier.py: the classifier's scores on constructed predictions, parameter matching and
 GroupNorm grouping, refusals, and a tiny end-to-end run on Debian's Fashion-MNIST with the real
 FID Inception, its figure redrawn from its JSON (CPU, ~70 s)."""
 
@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import fashion
+import fashion_classifier
 import inception
 from categorical import CategoricalDiffusion
 from unet import UNet, n_params
@@ -30,20 +31,20 @@ def one_hot(classes, p=1.0):
 
 
 def test_class_metrics_on_constructed_predictions():
-    uniform = fashion.class_metrics(one_hot(torch.arange(1000) % 10))
+    uniform = fashion_classifier.class_metrics(one_hot(torch.arange(1000) % 10))
     assert uniform["confident"] == 1 and uniform["coverage"] == 10 and uniform["tv"] == pytest.approx(0, abs=1e-12)
-    single = fashion.class_metrics(one_hot([3] * 500))
+    single = fashion_classifier.class_metrics(one_hot([3] * 500))
     assert single["confident"] == 1 and single["coverage"] == 1 and single["tv"] == pytest.approx(0.9)
-    blends = fashion.class_metrics(one_hot(torch.arange(100) % 10, p=0.5))      # nothing confident
+    blends = fashion_classifier.class_metrics(one_hot(torch.arange(100) % 10, p=0.5))      # nothing confident
     assert blends == dict(confident=0.0, coverage=0, tv=1.0)
     # 60% confident, spread over 4 classes (10 samples each, 25%); the other 40% are blends
     mixed = torch.cat([one_hot(torch.arange(40) % 4), one_hot(torch.arange(40) % 10, p=0.85)[:26]])
-    m = fashion.class_metrics(mixed)
+    m = fashion_classifier.class_metrics(mixed)
     assert m["confident"] == pytest.approx(40 / 66) and m["coverage"] == 4
     assert m["tv"] == pytest.approx(0.5 * (4 * 0.15 + 6 * 0.1))
     # a class with a quarter of its expected share counts; one below it does not
     counts = [25] * 9 + [5]                    # 230 confident: expected 23 each, 1/4 of it 5.75
-    assert fashion.class_metrics(one_hot(np.repeat(np.arange(10), counts)))["coverage"] == 9
+    assert fashion_classifier.class_metrics(one_hot(np.repeat(np.arange(10), counts)))["coverage"] == 9
 
 
 def test_models_are_matched_and_the_control_is_sized_like_smd():

@@ -4,7 +4,7 @@ import json, math, os, sys, time
 snap, outdir, variants = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 sys.path.insert(0, snap)
 import torch
-import fashion, fid, inception, data
+import fashion, fashion_classifier, fid, inception, data
 from categorical import CategoricalDiffusion, make_diffusion, train_loop
 from smd import ddpm_update
 if os.environ.get("NORM_G"):   # every GroupNorm at gcd(G, ch) groups instead of gcd(32, ch)
@@ -22,11 +22,11 @@ x_test, y_test = fashion.load_split(args.data_dir, "test", 16)
 net = inception.load_inception(args.fid_weights)
 clf_path = os.path.join(outdir, "clf.pt")
 if os.path.exists(clf_path):
-    clf = fashion.Classifier(); clf.load_state_dict(torch.load(clf_path)); clf.eval()
+    clf = fashion_classifier.Classifier(); clf.load_state_dict(torch.load(clf_path)); clf.eval()
 else:
-    clf = fashion.train_classifier(x_train, y_train, args.classifier_iters, args.seed)
+    clf = fashion_classifier.train_classifier(x_train, y_train, args.classifier_iters, args.seed)
     torch.save(clf.state_dict(), clf_path)
-probs, feats = fashion.classify(clf, x_test)
+probs, feats = fashion_classifier.classify(clf, x_test)
 cache = os.path.join(args.out_dir, "fid_ref_test_16px_n10000_default_1.npz")
 fid_ref = fashion.reference_stats(net, x_test, cache)
 clf_ref = fid.stats(feats)
@@ -104,8 +104,8 @@ for v in variants:
     g = torch.Generator().manual_seed(args.seed * 100003 + 1000 * T + 1)
     t0 = time.time()
     x = fashion.sample(model, diag, args.n, 16, args.var, g)
-    pr, fe = fashion.classify(clf, x)
-    row = dict(**fashion.class_metrics(pr), fd_clf=fashion.frechet_to(fe, *clf_ref))
+    pr, fe = fashion_classifier.classify(clf, x)
+    row = dict(**fashion_classifier.class_metrics(pr), fd_clf=fashion.frechet_to(fe, *clf_ref))
     row["fid"] = fashion.frechet_to(inception.features(net, fashion.nhwc(x), batch_size=100), *fid_ref)
     row["per_step"] = {t: {k: s[k] / s["n"] for k in s if k != "n"} for t, s in stats.items()}
     row["seconds"] = time.time() - t0
