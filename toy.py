@@ -18,7 +18,6 @@ score them and both references against the true mixture. Every flag is checked b
     python toy.py --seeds 3 --json out.json --png out.png
 """
 
-import argparse
 import math
 import time
 

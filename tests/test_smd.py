@@ -3,7 +3,6 @@
 
 import functools
 import math
-import os
 
 import numpy as np
 import pytest

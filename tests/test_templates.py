@@ -3,7 +3,6 @@ the best Gaussian denoiser, blends of two templates), parameter matching, and a 
 end-to-end run (CPU, seconds)."""
 
 import json
-import sys
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ minute). The closed forms themselves are tested in test_gmm.py."""
 
 import json
 import math
-import sys
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ This file is also the torchrun worker of test_ddp_gloo_ranks_stay_identical (see
 import gzip
 import os
 import re
-import shutil
 import signal
 import struct
 import subprocess

@@ -1,11 +1,11 @@
 # scratch: train (or load) a fashion.py categorical model, sample it with and without --draw-snr (the repo's sampler).
 # python diag11_scratch.py SNAPDIR OUTDIR all,snr0.1 [fashion flags...]   (SNAPDIR: a copy of the repository)
-import json, math, os, sys, time
+import json, os, sys, time
 snap, outdir, variants = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 sys.path.insert(0, snap)
 import torch
 import fashion, fashion_classifier, fid, inception, data
-from categorical import CategoricalDiffusion, make_diffusion, train_loop
+from categorical import make_diffusion, train_loop
 
 args = fashion.get_parser().parse_args(sys.argv[4:])
 fashion.check_args(args)
