@@ -169,15 +169,16 @@ def test_mixture_sampler_picks_components_with_their_probabilities():
             out = (a.sqrt() * x[:, None] - x0s.view(1, 3, 1)) / (1 - a).sqrt()   # x0_from(out) = x0s
             return out, pi.log().expand(len(x), -1), None if self.v is None else self.v.expand(len(x), -1)
 
-    x_T = torch.randn(30_000, 1, dtype=torch.float64)
+    n = 30_000
+    x_T = torch.randn(n, 1, dtype=torch.float64)
     x = d.sample(ExactX0(), x_T.shape, generator=torch.Generator().manual_seed(0), var="small", x_T=x_T)
     share = torch.stack([(x - c).abs().lt(1e-9).double().mean() for c in x0s])
     assert share.sum().item() == pytest.approx(1.0, abs=1e-12)   # every sample sits on one x0_hat_k
-    torch.testing.assert_close(share, pi, atol=0.012, rtol=0)   # standard error <= sqrt(0.24 / 30000) = 0.0028
+    torch.testing.assert_close(share, pi, atol=0.012, rtol=0)   # standard error <= sqrt(0.24 / n) = 0.0028
     x = d.sample(ExactX0(torch.zeros(3)), x_T.shape, generator=torch.Generator().manual_seed(0), x_T=x_T)
     beta = 1 - d.abar_host[0]                                  # last step: sigma^2 = beta = beta_tilde clipped
     spread = (x - x0s[(x - x0s).abs().argmin(1)][:, None]).std().item()
-    assert spread == pytest.approx(math.sqrt(beta), rel=0.03)   # standard error 1 / sqrt(2 * 30000) = 0.4%
+    assert spread == pytest.approx(math.sqrt(beta), rel=0.03)   # standard error 1 / sqrt(2 n) = 0.4%
 
 
 class Linear(torch.nn.Module):
