@@ -5,14 +5,18 @@ Times, for the same U-Net config: a training step (forward + backward + AdamW, e
 torch.compile'd), a sampling step (Algorithm 2 at batch 500; compiled, and compiled as a CUDA
 graph, mode="reduce-overhead") and FID feature extraction (inception.py, and pytorch-fid's
 model on the same images if installed). Prints ms/step, img/s, the SMD/vanilla ratio, U-Net
-GFLOPs per image (counted once with torch's FLOP counter), peak GPU memory and model FLOPs
-utilisation against the GPU's bf16 peak. Warm-up is excluded; each number is the median of
-several repeats. Every flag is checked before a model is built (a bad one: one line, exit 2).
+GFLOPs per image (counted once with torch's FLOP counter), peak GPU memory, model FLOPs
+utilisation against the GPU's bf16 peak (a table of exact device names; another GPU gets no
+MFU) and the time of each model's first call (for a compiled one: compiling it). Warm-up is
+excluded from the rest; each number is the median of several repeats. --json is rewritten
+after each task, so a run stopped early keeps what it measured. Every flag is checked before a
+model is built (a bad one: one line, exit 2).
 
     python bench.py                      # CUDA: the CIFAR-10 35.7M model, batch 128, bf16
     python bench.py --json bench.json    # also write the results
     python bench.py --config tiny        # a tiny U-Net (the default on CPU; under a minute)
     python bench.py --config cifar10 --no-fid   # the CIFAR-10 model on CPU (batch 8; minutes)
+    python bench.py --tasks fid --fid-weights random   # FID speed only, the network with random weights
 """
 
 import argparse
@@ -38,10 +42,22 @@ CONFIGS = {"cifar10": UNetConfig(), "tiny": UNetConfig(ch=32, ch_mult=(1, 2), nu
 DEVICE_DEFAULTS = dict(batch_size=(128, 8), sample_batch_size=(500, 16), warmup_iters=(10, 1),
                        repeats=(5, 2), iters=(10, 2), fid_images=(2000, 4))
 SAMPLE_STEPS = 10  # steps of Algorithm 2 per timed sampling call; reported per step
+TASKS = ("train", "sample", "fid")
 
-# dense bf16 tensor-core peak (FLOP/s) by device name, from the vendors' data sheets
-BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-             "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
+# dense bf16 tensor-core peak (FLOP/s, NVIDIA's data sheets: half the "with sparsity" figure)
+# by the exact name torch.cuda.get_device_name() returns; a name not here gets no MFU
+BF16_PEAK = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+             "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200 480GB": 989e12,
+             "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+             "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+             "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12, "NVIDIA GeForce RTX 4090": 165e12}
+
+
+def bf16_peak(name):
+    """The GPU's dense bf16 peak in FLOP/s, or None (with a line saying so) for a name not in BF16_PEAK."""
+    if name not in BF16_PEAK:
+        print(f"unknown GPU {name}: no MFU (add its exact name and dense bf16 peak to bench.BF16_PEAK)")
+    return BF16_PEAK.get(name)
 
 # -----------------------------------------------------------------------------
 # Timing and counting
@@ -53,19 +69,24 @@ def sync(device):
 
 
 def side_by_side(makers, device, warmup, repeats, iters):
-    """{key: (seconds per call, peak GiB)} for {key: maker}, where maker() builds a model and
-    returns its step function. Each is built and warmed up in turn, its peak memory counted
-    above what was resident before it was built; then the repeats alternate between them, so
-    that their ratio sees the same machine state. Seconds: the median over repeats of the
-    mean of `iters` calls."""
-    fns, mem, cuda = {}, {}, device.type == "cuda"
+    """{key: (seconds per call, peak GiB, seconds of the first call)} for {key: maker}, where
+    maker() builds a model and returns its step function. Each is built and warmed up in turn
+    (the first call, compiling a compiled model, timed alone), its peak memory counted above
+    what was resident before it was built; then the repeats alternate between them, so that
+    their ratio sees the same machine state. Seconds: the median over repeats of the mean of
+    `iters` calls."""
+    fns, mem, first, cuda = {}, {}, {}, device.type == "cuda"
     for key, make in makers.items():
         sync(device)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device) if cuda else 0
         fns[key] = make()
-        for _ in range(warmup):
+        t0 = time.perf_counter()
+        fns[key]()
+        sync(device)
+        first[key] = time.perf_counter() - t0
+        for _ in range(warmup - 1):
             fns[key]()
         sync(device)
         mem[key] = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if cuda else float("nan")
@@ -77,7 +98,7 @@ def side_by_side(makers, device, warmup, repeats, iters):
                 fn()
             sync(device)
             times[key].append((time.perf_counter() - t0) / iters)
-    return {key: (statistics.median(times[key]), mem[key]) for key in fns}
+    return {key: (statistics.median(times[key]), mem[key], first[key]) for key in fns}
 
 
 def flops_per_image(config, use_smd, train_step):
@@ -140,11 +161,11 @@ def time_task(task, compile, args, device, flops, peak):
     timed = side_by_side({s: functools.partial(make, config, s, compile, args, device) for s in (False, True)},
                          device, warmup, args.repeats, iters)
     rows = []
-    for s, (sec, mem) in timed.items():
+    for s, (sec, mem, first) in timed.items():
         sec, f = sec / per_call, flops[s, train]
         rows.append(dict(task=task, compile=compile, smd=s, ms=1e3 * sec, img_s=batch / sec,
                          smd_ratio=timed[s][0] / timed[False][0], gflops=f / 1e9, mem_gib=mem,
-                         mfu=f * batch / sec / peak if peak else None))
+                         mfu=f * batch / sec / peak if peak else None, first_s=first))
     return rows
 
 
@@ -161,9 +182,13 @@ def pytorch_fid_features(model, images, batch_size, device):
 
 def time_fid(args, device):
     """img/s of FID features (299x299 Inception) on the same random 32x32 uint8 images, side
-    by side: inception.py in fp32 (and with TF32 on CUDA), and pytorch-fid's model if installed."""
+    by side: inception.py in fp32 (and with TF32 on CUDA), and pytorch-fid's model if installed.
+    --fid-weights random: the same network with random weights (its speed, not its features)."""
     try:
-        model = inception.load_inception(args.fid_weights, device)
+        if args.fid_weights == "random":
+            model = inception.InceptionV3().eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+        else:
+            model = inception.load_inception(args.fid_weights, device)
     except (ValueError, OSError) as e:
         print(f"FID benchmark skipped: {e}")
         return None
@@ -178,7 +203,7 @@ def time_fid(args, device):
     except ImportError:
         print("pytorch-fid is not installed: no comparison (pip install pytorch-fid)")
     timed = side_by_side(makers, device, 1, args.repeats, 1)
-    return {key: args.fid_images / sec for key, (sec, _) in timed.items()}
+    return {key: args.fid_images / sec for key, (sec, _, _) in timed.items()}
 
 # -----------------------------------------------------------------------------
 # The command line
@@ -204,31 +229,37 @@ def parse_args(argv=None):
     count("--iters", "training steps per repeat")
     count("--fid-images", "images per FID timing")
     p.add_argument("--fid-batch-size", type=cli.positive_int, default=200, help="images per Inception batch")
-    p.add_argument("--fid-weights", help="FID Inception weights (None: as fid.py, through torch.hub)")
-    p.add_argument("--no-fid", action="store_true", help="skip the FID feature timing")
+    p.add_argument("--fid-weights", help="FID Inception weights; random: random weights, for speed only "
+                                         "(None: as fid.py, through torch.hub)")
+    p.add_argument("--no-fid", action="store_true", help="skip the FID feature timing (as --tasks train,sample)")
+    p.add_argument("--tasks", type=cli.choices_list(TASKS), default=",".join(TASKS), help="what to time")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--force", action="store_true", help="replace an existing --json")
     p.add_argument("--threads", type=cli.nonneg_int, default=0,
-                   help="CPU threads (0: 1 on machines with <= 4 cores, else torch's default)")
+                   help="CPU threads (0: 1 on machines with <= 4 cores, else as many as torch picks)")
     args = p.parse_args(argv)
-    if args.fid_weights is not None and not os.path.isfile(args.fid_weights):
+    if args.fid_weights not in (None, "random") and not os.path.isfile(args.fid_weights):
         cli.fail(PROG, f"--fid-weights {args.fid_weights}: no such file; download {inception.FID_WEIGHTS_URL}, "
                        f"or leave out --fid-weights to download it through torch.hub")
-    cli.writable_file(PROG, args.json, "--json")
+    cli.output_file(PROG, args.json, "--json", force=args.force)
     gpu = torch.device(args.device).type == "cuda"
     for key, (on_gpu, on_cpu) in DEVICE_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, on_gpu if gpu else on_cpu)
     args.config = args.config or ("cifar10" if gpu else "tiny")
+    if args.no_fid:
+        args.tasks = [t for t in args.tasks if t != "fid"]
     return args
 
 
 def report(rows, fid_img_s, args):
     print(f"\n{'task':<12} {'compiled':<11} {'model':<8} {'ms/step':>9} {'img/s':>9} {'SMD/van':>8} "
-          f"{'GFLOP/img':>10} {'peak GiB':>9} {'MFU':>6}")
+          f"{'GFLOP/img':>10} {'peak GiB':>9} {'MFU':>6} {'1st call s':>10}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"{r['task']:<12} {str(r['compile']):<11} {'SMD' if r['smd'] else 'vanilla':<8} {r['ms']:>9.2f} "
-              f"{r['img_s']:>9.1f} {r['smd_ratio']:>8.3f} {r['gflops']:>10.2f} {r['mem_gib']:>9.2f} {mfu:>6}")
+              f"{r['img_s']:>9.1f} {r['smd_ratio']:>8.3f} {r['gflops']:>10.2f} {r['mem_gib']:>9.2f} {mfu:>6} "
+              f"{r['first_s']:>10.1f}")
     for k, v in (fid_img_s or {}).items():
         print(f"FID features (Inception 299x299, batch {args.fid_batch_size}), {k}: {v:.1f} img/s")
 
@@ -241,34 +272,40 @@ def main(argv=None):
     gpu = device.type == "cuda"
     compile, _ = cli.cuda_defaults(device, args.compile)
     name = torch.cuda.get_device_name(device) if gpu else "CPU"
-    peak = next((v for k, v in BF16_PEAK.items() if k in name), None) if gpu else None
-    print(f"device: {name} ({threads} CPU threads); U-Net {args.config} (ch={config.ch} ch_mult={config.ch_mult}); "
-          f"train batch {args.batch_size}, sample batch {args.sample_batch_size}")
-    flops = {(s, train): flops_per_image(config, s, train) for s in (False, True) for train in (False, True)}
-    t0, rows = time.time(), []
+    peak = bf16_peak(name) if gpu else None
+    print(f"device: {name} ({threads} CPU threads, torch {torch.__version__}); U-Net {args.config} "
+          f"(ch={config.ch} ch_mult={config.ch_mult}); train batch {args.batch_size}, sample batch "
+          f"{args.sample_batch_size}; tasks {','.join(args.tasks)}", flush=True)
+    models = {"train", "sample"} & set(args.tasks)
+    flops = {(s, train): flops_per_image(config, s, train) for s in (False, True) for train in (False, True)
+             if models}
+    t0, rows, fid_img_s = time.time(), [], None
+
+    def save():   # after every task: a run stopped early keeps what it measured
+        if args.json:
+            data.save_json(dict(device=name, torch=torch.__version__, threads=threads, bf16_peak=peak,
+                                config=dataclasses.asdict(config), args=vars(args), rows=rows,
+                                fid_img_s=fid_img_s), args.json)
 
     # time training: eager, and compiled if asked
-    for mode in [False, True] if compile else [False]:
+    for mode in ([False, True] if compile else [False]) if "train" in args.tasks else []:
         print(f"[{time.time() - t0:5.0f}s] training steps, compile={mode}", flush=True)
         rows += time_task("train step", mode, args, device, flops, peak)
+        save()
 
     # time sampling: eager, or compiled (and as a CUDA graph on a GPU)
-    for mode in ([True, "cuda-graph"] if gpu else [True]) if compile else [False]:
+    for mode in (([True, "cuda-graph"] if gpu else [True]) if compile else [False]) if "sample" in args.tasks else []:
         print(f"[{time.time() - t0:5.0f}s] sampling steps, compile={mode}", flush=True)
         rows += time_task("sample step", mode, args, device, flops, peak)
+        save()
 
     # time FID features
-    fid_img_s = None
-    if not args.no_fid:
+    if "fid" in args.tasks:
         print(f"[{time.time() - t0:5.0f}s] FID features", flush=True)
         fid_img_s = time_fid(args, device)
+        save()
 
-    # report
     report(rows, fid_img_s, args)
-    if args.json:
-        result = dict(device=name, threads=threads, config=dataclasses.asdict(config), args=vars(args), rows=rows,
-                      fid_img_s=fid_img_s)
-        data.save_json(result, args.json)
     return rows, fid_img_s
 
 

