@@ -141,7 +141,8 @@ class Context:
 
     def __init__(self, args):
         self.args, self.tiny, self.work = args, args.tiny, args.work
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT}
+        path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)   # carried wheels stay on it
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
         if self.tiny:
             self.env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
         self.cuda = torch.cuda.is_available() and not self.tiny

@@ -89,6 +89,17 @@ def test_the_tiny_rehearsal_runs_every_part(tmp_path, fashion_dir):
     assert not os.path.exists(report["work"])            # and removed at the end
 
 
+def test_the_gpu_sizes_are_flags_the_scripts_take():
+    """The tiny rehearsal runs the --tiny flag lists; the GPU's are checked here, by the scripts' parsers."""
+    import bench
+    import sample
+    import train
+    train.get_parser().parse_args(["--dataset", "fashion-mnist", "--smd", *gpu_check.TRAIN[0]])
+    sample.get_parser().parse_args(gpu_check.SAMPLE[0])
+    assert bench.parse_args([*gpu_check.BENCH[0], "--tasks", "train,sample"]).batch_size == 128
+    assert bench.parse_args(["--tasks", "fid", "--fid-weights", "random", *gpu_check.FID_SPEED[0]]).fid_images == 2000
+
+
 def test_a_part_past_its_deadline_is_killed_and_the_run_goes_on(tmp_path, fashion_dir):
     out = tmp_path / "out"
     report = gpu_check.main(["--out", str(out), "--tiny", "--data-dir", fashion_dir, "--parts", "bench,sample",
