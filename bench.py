@@ -5,18 +5,17 @@ Times, for the same U-Net config: a training step (forward + backward + AdamW, e
 torch.compile'd), a sampling step (Algorithm 2 at batch 500; compiled, and compiled as a CUDA
 graph, mode="reduce-overhead") and FID feature extraction (inception.py, and pytorch-fid's
 model on the same images if installed). Prints ms/step, img/s, the SMD/vanilla ratio, U-Net
-GFLOPs per image (counted once with torch's FLOP counter), peak GPU memory, model FLOPs
-utilisation against the GPU's bf16 peak (a table of exact device names; another GPU gets no
-MFU) and the time of each model's first call (for a compiled one: compiling it). Warm-up is
-excluded from the rest; each number is the median of several repeats. --json is rewritten
-after each task, so a run stopped early keeps what it measured. Every flag is checked before a
-model is built (a bad one: one line, exit 2).
+GFLOPs per image (torch's FLOP counter), peak GPU memory, model FLOPs utilisation against the
+GPU's bf16 peak (by its exact name; another GPU gets no MFU) and the time of each model's first
+call (for a compiled one: compiling it). Each other number is the median of several repeats
+after a warm-up. --json is rewritten after each task, so a run stopped early keeps what it
+measured. Every flag is checked before a model is built (a bad one: one line, exit 2).
 
     python bench.py                      # CUDA: the CIFAR-10 35.7M model, batch 128, bf16
     python bench.py --json bench.json    # also write the results
     python bench.py --config tiny        # a tiny U-Net (the default on CPU; under a minute)
-    python bench.py --config cifar10 --no-fid   # the CIFAR-10 model on CPU (batch 8; minutes)
-    python bench.py --tasks fid --fid-weights random   # FID speed only, the network with random weights
+    python bench.py --config cifar10 --tasks train,sample   # the CIFAR-10 model on CPU (batch 8; minutes)
+    python bench.py --tasks fid --fid-weights random   # FID speed alone, the network with random weights
 """
 
 import argparse
@@ -54,7 +53,7 @@ BF16_PEAK = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDI
 
 
 def bf16_peak(name):
-    """The GPU's dense bf16 peak in FLOP/s, or None (with a line saying so) for a name not in BF16_PEAK."""
+    """The GPU's dense bf16 peak in FLOP/s; None, with a line saying so, for a name not in BF16_PEAK."""
     if name not in BF16_PEAK:
         print(f"unknown GPU {name}: no MFU (add its exact name and dense bf16 peak to bench.BF16_PEAK)")
     return BF16_PEAK.get(name)
@@ -231,7 +230,6 @@ def parse_args(argv=None):
     p.add_argument("--fid-batch-size", type=cli.positive_int, default=200, help="images per Inception batch")
     p.add_argument("--fid-weights", help="FID Inception weights; random: random weights, for speed only "
                                          "(None: as fid.py, through torch.hub)")
-    p.add_argument("--no-fid", action="store_true", help="skip the FID feature timing (as --tasks train,sample)")
     p.add_argument("--tasks", type=cli.choices_list(TASKS), default=",".join(TASKS), help="what to time")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--force", action="store_true", help="replace an existing --json")
@@ -247,8 +245,6 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, on_gpu if gpu else on_cpu)
     args.config = args.config or ("cifar10" if gpu else "tiny")
-    if args.no_fid:
-        args.tasks = [t for t in args.tasks if t != "fid"]
     return args
 
 
@@ -276,9 +272,8 @@ def main(argv=None):
     print(f"device: {name} ({threads} CPU threads, torch {torch.__version__}); U-Net {args.config} "
           f"(ch={config.ch} ch_mult={config.ch_mult}); train batch {args.batch_size}, sample batch "
           f"{args.sample_batch_size}; tasks {','.join(args.tasks)}", flush=True)
-    models = {"train", "sample"} & set(args.tasks)
     flops = {(s, train): flops_per_image(config, s, train) for s in (False, True) for train in (False, True)
-             if models}
+             if {"train", "sample"} & set(args.tasks)}
     t0, rows, fid_img_s = time.time(), [], None
 
     def save():   # after every task: a run stopped early keeps what it measured
@@ -287,17 +282,15 @@ def main(argv=None):
                                 config=dataclasses.asdict(config), args=vars(args), rows=rows,
                                 fid_img_s=fid_img_s), args.json)
 
-    # time training: eager, and compiled if asked
-    for mode in ([False, True] if compile else [False]) if "train" in args.tasks else []:
-        print(f"[{time.time() - t0:5.0f}s] training steps, compile={mode}", flush=True)
-        rows += time_task("train step", mode, args, device, flops, peak)
-        save()
-
-    # time sampling: eager, or compiled (and as a CUDA graph on a GPU)
-    for mode in (([True, "cuda-graph"] if gpu else [True]) if compile else [False]) if "sample" in args.tasks else []:
-        print(f"[{time.time() - t0:5.0f}s] sampling steps, compile={mode}", flush=True)
-        rows += time_task("sample step", mode, args, device, flops, peak)
-        save()
+    # time training (eager, and compiled if asked), then sampling (eager, or compiled and, on a GPU,
+    # compiled as a CUDA graph)
+    modes = {"train": [False, True] if compile else [False],
+             "sample": ([True, "cuda-graph"] if gpu else [True]) if compile else [False]}
+    for task in [t for t in ("train", "sample") if t in args.tasks]:
+        for mode in modes[task]:
+            print(f"[{time.time() - t0:5.0f}s] {task} steps, compile={mode}", flush=True)
+            rows += time_task(f"{task} step", mode, args, device, flops, peak)
+            save()
 
     # time FID features
     if "fid" in args.tasks:
