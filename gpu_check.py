@@ -92,18 +92,21 @@ class Run:
     def __init__(self, cmd, env, deadline, on_line=None, term_at=None, interrupt=None, grace=10):
         self.cmd, self.lines, self.timed_out, self.t0 = cmd, [], False, time.time()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, errors="replace", start_new_session=True)
+                                     text=True, errors="replace", process_group=0)   # its own group, our session
         reader = threading.Thread(target=self._read, args=(on_line,), daemon=True)
         reader.start()
-        if term_at is not None and term_at < deadline and not self._wait(term_at):
-            self.signal(signal.SIGTERM)
-        if interrupt and not self._wait(deadline - grace):
-            self.timed_out = True
-            self.signal(interrupt)
-        if not self._wait(deadline):
-            self.timed_out = True
-            os.killpg(self.proc.pid, signal.SIGKILL)   # the group this command started, nothing else
-            self.proc.wait()
+        try:
+            if term_at is not None and term_at < deadline and not self._wait(term_at):
+                self.signal(signal.SIGTERM)
+            if interrupt and not self._wait(deadline - grace):
+                self.timed_out = True
+                self.signal(interrupt)
+            if not self._wait(deadline):
+                self.timed_out = True
+                self.kill()
+        except BaseException:   # gpu_check itself stopped (Ctrl-C, SIGTERM): so is the command
+            self.kill()
+            raise
         reader.join(10)
         self.rc, self.wall_s = self.proc.returncode, time.time() - self.t0
 
@@ -119,6 +122,13 @@ class Run:
             self.lines.append((time.time(), line.rstrip("\n")))
             if on_line:
                 on_line(self, line)
+
+    def kill(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)   # the group this command started, and nothing else
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
     def signal(self, signum):
         if self.proc.poll() is None:
@@ -455,6 +465,7 @@ def main(argv=None):
             print(md)
         return md
     os.makedirs(args.out, exist_ok=True)
+    sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stopped: still write what was measured
     args.work = tempfile.mkdtemp(prefix="gpu_check-")
     ctx = Context(args)
     command = " ".join([f"python {PROG}", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
@@ -486,6 +497,7 @@ def main(argv=None):
         report["wall_s"] = time.time() - t0
         write(report, ctx.log_parts, args.out)
         shutil.rmtree(args.work, ignore_errors=True)
+        signal.signal(signal.SIGTERM, sigterm)
     print("\n" + table(report))
     return report
 

@@ -7,7 +7,10 @@ import gzip
 import json
 import os
 import re
+import signal
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -110,6 +113,18 @@ def test_a_part_past_its_deadline_is_killed_and_the_run_goes_on(tmp_path, fashio
     assert parts["sample"]["rows"] == [["checkpoint", "the train part wrote none", None]]
     assert "stopped at its deadline" in (out / "gpu_check.log").read_text()
     assert [p["part"] for p in report["parts"]] == ["environment", "bench", "sample"]
+
+
+def test_sigterm_stops_the_part_and_writes_what_was_measured(tmp_path, fashion_dir):
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "gpu_check.py", "--out", str(out), "--tiny", "--data-dir", fashion_dir,
+                          "--parts", "bench"], cwd=gpu_check.ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert "bench (until" in next(line for line in p.stdout if "bench (until" in line)   # the part has started
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 143
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert [part["part"] for part in report["parts"]] == ["environment"] and not os.path.exists(report["work"])
 
 
 def test_fid_between_two_fashion_halves_when_weights_are_here(tmp_path, fashion_dir, fid_weights):
