@@ -1,38 +1,35 @@
 """
 gpu_check.py -- the first GPU session's one command: the project's whole GPU path measured in
-about 8 minutes, with one JSON and one Markdown table to bring back.
+about 8 minutes, one JSON and one Markdown table to bring back (docs/performance.md says how).
 
     python gpu_check.py --out $OUT                     # one CUDA GPU (an H100: at most ~8 minutes)
     python gpu_check.py --out /tmp/gc --tiny           # the CPU rehearsal: the same parts, tiny
     python gpu_check.py --out $OUT --parts bench --scale 2   # one part again, with twice its time
     python gpu_check.py --table gpu_check.json --into docs/performance.md   # the table into the doc
 
-The parts, in this order, run the scripts by their command lines, as subprocesses under a time
-budget each: a part's deadline is the sum of its budget and those before it, so a part that ends
-early passes its time on and one that runs long is stopped at its deadline without eating the
-others'. A part that fails or runs out of time is recorded so, with the end of its output, and
-the run goes on; a part whose needs are missing (CUDA, the data, FID weights) is skipped with a
-line saying what is missing.
-  bench      bench.py at the CIFAR-10 config: vanilla and SMD training steps (batch 128; eager,
-             compiled) and sampling steps (batch 500; compiled, CUDA graph): ms, img/s, GFLOP/img,
-             MFU, peak memory, SMD/vanilla, and the seconds of each model's first (compiling) call
-  train      train.py on Fashion-MNIST (data/FashionMNIST/raw/) with the CUDA defaults (bf16,
-             compile, fused AdamW), the CIFAR-10-sized SMD U-Net at batch 128: stopped by SIGTERM,
-             then resumed; img/s and the loss reached
+The parts run the scripts by their command lines, in this order, each under a deadline: its
+budget plus those before it, so a part that ends early passes its time on and one that runs long
+is stopped without eating the others'. A part that fails or runs out of time is recorded so,
+with the end of its output, and the run goes on; one whose needs are missing (CUDA, the data,
+FID weights) is skipped with a line saying what is missing.
+  bench      bench.py, CIFAR-10 config: vanilla and SMD training steps (batch 128; eager, compiled)
+             and sampling steps (batch 500; compiled, CUDA graph): ms, img/s, GFLOP/img, MFU, peak
+             memory, SMD/vanilla, and the seconds of each model's first (compiling) call
+  train      train.py on Fashion-MNIST (data/FashionMNIST/raw/), CUDA defaults (bf16, compile, fused
+             AdamW), the CIFAR-10-sized SMD U-Net, batch 128: stopped by SIGTERM, resumed; img/s, loss
   sample     sample.py from that checkpoint, 100 steps, DDPM and DDIM, 2000 images each: img/s
-  fid        bench.py --tasks fid --fid-weights random: fid.py's Inception with random weights, img/s
-             (the real weights, 87-91 MB, exceed the 64 MiB that travel to a lent GPU); and fid.py
-             between two Fashion-MNIST halves (10k images each) if weights are here
-  test_cuda  pytest -v tests/test_cuda.py: each test's outcome and seconds. Last, it gets the time
-             the others leave; at its deadline it is Ctrl-C'd and reports the tests done by then
+  fid        bench.py --tasks fid with random weights (the real ones, 87-91 MB, do not travel to a
+             lent GPU): FID feature img/s; fid.py between two Fashion-MNIST halves if weights are here
+  test_cuda  pytest -v tests/test_cuda.py: each test's outcome and seconds; last, so it gets the time
+             the others leave, and Ctrl-C'd at its deadline so that the tests done are reported
 --tiny runs every part on the CPU (CUDA hidden) with tiny models, sizes and budgets.
 
-Writes into --out, rewritten after each part (a run cut short keeps what it measured):
-gpu_check.json (everything), gpu_check.md (one table, a row per measurement naming the device,
-the torch version and the command; --into pastes it between a doc's `<!-- gpu_check:begin -->`
-and `<!-- gpu_check:end -->` lines) and gpu_check.log (every command's output). Checkpoints and
-samples go to a temporary folder ($WORK in the table), removed at the end. The exit status is 0
-whenever the files were written, whatever the parts did.
+Writes into --out after each part (a run cut short keeps what it measured): gpu_check.json,
+gpu_check.md (one table, a row per measurement naming the device, the torch version and the
+command; --table --into pastes it between a doc's lines `<!-- gpu_check:begin -->` and
+`<!-- gpu_check:end -->`) and gpu_check.log (every command's output). Checkpoints and samples
+go to a temporary folder ($WORK), removed at the end. Exit status 0 whenever the files were
+written.
 """
 
 import json
@@ -73,7 +70,7 @@ TRAIN_WINDOWS = 3    # log lines before the SIGTERM; the resumed run trains RESU
 RESUME_WINDOWS = 3
 SAMPLE = (["--steps", "100", "--n", "2000", "--batch-size", "1000"],
           ["--steps", "10", "--n", "8", "--batch-size", "4", "--device", "cpu"])
-FID_SPEED = (["--fid-images", "2000", "--fid-batch-size", "200", "--repeats", "3"],
+FID_SPEED = (["--fid-images", "2000", "--fid-batch-size", "200", "--repeats", "2"],
              ["--device", "cpu", "--fid-images", "1", "--fid-batch-size", "1", "--repeats", "1"])
 FID_HALF = (10_000, 2)   # images in each Fashion-MNIST half
 
