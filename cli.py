@@ -1,19 +1,24 @@
 """
 cli.py -- what the scripts share on the command line: argument checks that fail in one line
-before any work starts, the CPU thread count, the CUDA defaults and a time format for ETAs.
+before any work starts, output paths checked by writing to them, the CPU thread count, the CUDA
+defaults, Ctrl-C in one line, and a time format for ETAs.
 
 Every script builds its parser with `Parser`, so a bad flag is one line on stderr,
 `script.py: what is wrong, and the fix`, with exit status 2 and no traceback, and `--help`
-shows every default. Checks that need more than one flag call `fail` with the same format.
+shows every option's default. Checks that need more than one flag call `fail` with the same
+format. No script replaces an existing output file unless given --force (`output_file`).
 
     python -c "import cli; print(cli.fmt_time(4000))"
 """
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 
 import torch
+import torch.distributed as dist
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,12 +27,42 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, description=None, **kw):
         super().__init__(description=description, formatter_class=HelpFormatter, **kw)
 
+    def add_argument(self, *names, **kw):
+        if names[0].startswith("-") and not kw.get("help"):
+            kw["help"] = "default: %(default)s"   # argparse shows nothing for an option without help
+        return super().add_argument(*names, **kw)
+
     def error(self, message):
         fail(self.prog, message.replace("argument ", "", 1))
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown for every option; the description (a script's docstring) kept as written."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (unless the help already says it); the description (a
+    script's docstring) kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def flag(parser, dest):
+    """The command-line flag of an argument (`--categorical` for dest `components`)."""
+    return next(a.option_strings[0] for a in parser._actions if a.dest == dest)
+
+
+def explicit_args(parser, argv):
+    """Only the options given on the command line, as a dict (--resume checks them against the
+    checkpoint); argparse has no public way to ask "was this flag given?"."""
+    defaults = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in defaults:
+            a.default = argparse.SUPPRESS
+        return vars(parser.parse_args(argv))
+    finally:
+        for a, default in defaults:
+            a.default = default
 
 
 def fail(prog, message):
@@ -56,7 +91,6 @@ nonneg_int = _number(int, 0, what="give an integer >= 0")
 positive_float = _number(float, 0.0, low_open=True, what="give a number > 0")
 nonneg_float = _number(float, 0.0, what="give a number >= 0")
 probability = _number(float, 0.0, 1.0, what="give a number in [0, 1]")
-temperature = _number(float, 1.0, what="give a starting temperature >= 1 (1: no annealing)")
 
 
 def dropout(text):
@@ -114,31 +148,61 @@ def device(text):
     return text
 
 # -----------------------------------------------------------------------------
-# output paths: checked before the work, not after it
+# output paths: checked before the work, by writing beside them, not after it
 
 
-def writable_file(prog, path, flag):
-    """Refuse an output file whose folder is missing or not writable, or that is a folder."""
+def _try_writing(folder):
+    """None if a file can be created in `folder` (a temporary one, removed at once), else why not.
+    os.access would not do: root passes it everywhere, /proc included."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+def output_file(prog, path, flag, force=False, exts=None):
+    """Refuse, before any work, an output file that could not be written: a wrong extension
+    (`exts`, e.g. (".png", ".jpg"): the format comes from it), a folder, a missing or unwritable
+    folder, or an existing file (unless `force`: no script replaces a file silently)."""
     if not path:
         return
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         fail(prog, f"{flag} {path} is a folder: give a file name")
+    if exts and not path.lower().endswith(exts):
+        fail(prog, f"{flag} {path}: the format comes from the extension; end the name in {' or '.join(exts)}")
     if not os.path.isdir(folder):
         fail(prog, f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
-    if not os.access(folder, os.W_OK):
-        fail(prog, f"{flag} {path}: the folder {folder} is not writable; choose another path")
+    if os.path.exists(path) and not force:
+        fail(prog, f"{flag} {path} exists: pass --force to replace it, or choose another name")
+    why = _try_writing(folder)
+    if why:
+        fail(prog, f"{flag} {path}: cannot write in {folder} ({why}); choose another path")
 
 
-def writable_dir(prog, path, flag):
-    """Refuse an output folder that cannot be created or written."""
+def output_dir(prog, path, flag):
+    """Refuse an output folder that is a file or cannot be created or written (tried)."""
     if os.path.exists(path) and not os.path.isdir(path):
         fail(prog, f"{flag} {path} is a file, not a folder; choose another {flag}")
-    parent = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    while parent and not os.path.isdir(parent):
+    parent = os.path.abspath(path)
+    while not os.path.isdir(parent):
         parent = os.path.dirname(parent)
-    if not os.access(parent or ".", os.W_OK):
-        fail(prog, f"{flag} {path}: {parent} is not writable; choose another {flag}")
+    why = _try_writing(parent)
+    if why:
+        fail(prog, f"{flag} {path}: cannot write in {parent} ({why}); choose another {flag}")
+
+
+@contextlib.contextmanager
+def one_line_interrupt(prog):
+    """Ctrl-C inside the block: one line on stderr and exit status 130, no traceback. Outputs are
+    written atomically (data.atomic_write), so none is left half-written."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted (Ctrl-C); nothing was written after the last 'wrote' line", file=sys.stderr,
+              flush=True)
+        raise SystemExit(130) from None
 
 # -----------------------------------------------------------------------------
 # the machine
@@ -153,6 +217,19 @@ def set_threads(n):
     if n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def setup_distributed(device_arg=None):
+    """(rank, local_rank, world, device); torchrun's env vars start DDP (NCCL on GPUs, else gloo)."""
+    cuda = torch.cuda.is_available() and device_arg != "cpu"
+    if "RANK" not in os.environ:
+        return 0, 0, 1, torch.device(device_arg or ("cuda" if cuda else "cpu"))
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, local_rank, world, device
 
 
 def cuda_defaults(device, compile=None, amp=None):
@@ -175,20 +252,7 @@ def int_at_least(low, why):
     return _number(int, low, what=f"give an integer >= {low} ({why})")
 
 
-def add_categorical_flags(p):
-    """The categorical model's training options (categorical.py), as templates.py and fashion.py take them."""
-    p.add_argument("--anneal", type=temperature, default=1e6,
-                   help="categorical: responsibilities' temperature from this to 1 over the first half (1: off)")
-    p.add_argument("--nll-cap", type=positive_float, default=None,
-                   help="categorical: cap each step's NLL weight on |x0_hat - x0|^2 (categorical.capped_weight)")
-    p.add_argument("--mean-loss", type=nonneg_float, default=0.0,
-                   help="categorical: + this x Algorithm 1's eps loss on the mixture's mean (sum_k pi_k x0_k)")
-    p.add_argument("--fixed-var", action="store_true",
-                   help="categorical: variances fixed at beta_tilde instead of learned")
-    p.add_argument("--fit-pi", action="store_true",
-                   help="categorical: pi also weighs each component by N(eps_hat_k; 0, I), its own fit to x_t")
-    p.add_argument("--draw-snr", type=nonneg_float, default=None,
-                   help="categorical sampling: draw a component only where x_t's SNR abar/(1-abar) <= this, "
-                        "else the mixture's mean (default: at every step)")
-    p.add_argument("--split", action="store_true",
-                   help="categorical: after annealing, blends are copied into the least used components (split_blends)")
+
+def float_at_least(low, why):
+    """An argparse type: a number >= low; `why` says what the bound is for."""
+    return _number(float, low, what=f"give a number >= {low} ({why})")

@@ -4,10 +4,11 @@ folder, and generated images to disk (uint8 NHWC grids and .npz files, written a
 
 Named datasets are read from torchvision's on-disk formats under --data-dir (downloaded by
 torchvision only when the files are nowhere; Debian's dataset-fashion-mnist is found in
-/usr/share/datasets/fashion-mnist). 28x28 images are zero-padded to 32x32. Any folder of
-images is resized on its shorter side and center-cropped, after every file was decoded once so
-that a broken one is named before training starts. train.py draws its batches here;
-fid.py reads the same images for reference statistics; sample.py saves through to_uint8.
+/usr/share/datasets/fashion-mnist). 28x28 images are zero-padded to 32x32 (and average-pooled to
+16x16 or 8x8 with --image-size 16 or 8). Any folder of images is resized on its shorter side and
+center-cropped, after every file was decoded once so that a broken one is named before training
+starts. train.py draws its batches here; fid.py reads the same images for reference statistics;
+sample.py saves through to_uint8.
 
     python -c "import data; print(data.load_images('fashion-mnist', 'data').shape)"
 """
@@ -39,14 +40,24 @@ def read_idx(path):
     return np.frombuffer(buf, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+# where each dataset's files come from, for the message of a failed download
+SOURCES = {"cifar10": "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it into {data_dir} "
+                      "(tar xzf cifar-10-python.tar.gz -C {data_dir}: it makes {where})",
+           "mnist": "put train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz from "
+                    "https://ossci-datasets.s3.amazonaws.com/mnist/ into {where}",
+           "fashion-mnist": "put train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz (and the -labels- files) from "
+                            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ into {where}, or on Debian/Ubuntu "
+                            "install them: apt-get install dataset-fashion-mnist"}
+
+
 def download(name, cls, data_dir, where):
-    """Ask torchvision to download; offline, fail with a message saying where the files go."""
+    """Ask torchvision to download; offline, fail with a message saying what to fetch and where."""
     try:
         import torchvision   # only here: importing it costs seconds
         getattr(torchvision.datasets, cls)(data_dir, train=True, download=True)
     except Exception as e:
-        raise RuntimeError(f"{name}: no data in {where}, and downloading it failed ({type(e).__name__}: {e}). "
-                           f"Put the files in {where} (torchvision's on-disk format), or go online.") from None
+        raise RuntimeError(f"{name}: no data in {where}, and downloading it failed ({type(e).__name__}: {e}); "
+                           + SOURCES[name].format(data_dir=data_dir, where=where)) from None
 
 
 def load_mnist_like(name, data_dir, split="train"):
@@ -76,14 +87,23 @@ def load_cifar10(data_dir, split="train"):
     return np.concatenate(arrays).reshape(-1, 3, 32, 32)
 
 
-def load_images(name, data_dir, split="train"):
-    """A named dataset's split ("train" or "test") as uint8 (N, C, 32, 32); 28x28 images are
-    zero-padded to 32x32, as the models see them."""
+NAMED_SIZES = (32, 16, 8)   # a named dataset's 32x32 images, or them average-pooled (2x2, 4x4)
+
+
+def load_images(name, data_dir, split="train", size=32):
+    """A named dataset's split ("train" or "test") as uint8 (N, C, size, size): 28x28 images are
+    zero-padded to 32x32, as the models see them; size 16 or 8 average-pools those 32x32 images
+    (2x2 or 4x4 blocks), rounded back to uint8."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or a folder of images")
+    if size not in NAMED_SIZES:
+        raise ValueError(f"{name} comes at --image-size {' | '.join(map(str, NAMED_SIZES))} (32x32, average-pooled), "
+                         f"not {size}")
     x = load_cifar10(data_dir, split) if name == "cifar10" else load_mnist_like(name, data_dir, split)
     if x.shape[-1] == 28:
         x = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    if size != 32:
+        x = torch.nn.functional.avg_pool2d(torch.from_numpy(x).float(), 32 // size).round().to(torch.uint8).numpy()
     return np.ascontiguousarray(x)
 
 
@@ -216,14 +236,11 @@ def make_batches(dataset, data_dir, batch_size, image_size=None, flip=True, work
     check_batch_size(batch_size, world)
     plan = lambda n, dev: batch_plan(n, batch_size // world, rank, world, seed, step, dev)
     if dataset in DATASETS:
-        if image_size not in (None, 32):
-            raise ValueError(f"{dataset} is 32x32 (28x28 is padded): drop --image-size {image_size}, "
-                             f"it is for image folders")
-        images = load_images(dataset, data_dir)
+        images = load_images(dataset, data_dir, size=image_size or 32)
         check_batch_size(batch_size, world, len(images))
         images = torch.from_numpy(images).to(device)
         uint8 = memory_batches(images, plan(len(images), device), flip)
-        channels, size = images.shape[1], 32
+        channels, size = images.shape[1], images.shape[-1]
     elif os.path.isdir(dataset):
         if image_size is not None and image_size < 1:
             raise ValueError(f"--image-size {image_size}: use a positive number of pixels (default 64)")
@@ -246,15 +263,19 @@ def to_uint8(x):
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
+IMAGE_FORMATS = (".png", ".jpg", ".jpeg")   # what save_grid writes, chosen by the file's extension
+
+
 def save_grid(images, path):
-    """uint8 NHWC numpy images -> one PNG grid, as square as possible."""
+    """uint8 NHWC numpy images -> one PNG (or JPEG) grid, as square as possible, written atomically."""
     n, h, w, c = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.zeros((rows * cols, h, w, c), np.uint8)
     grid[:n] = images
     grid = grid.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    atomic_write(path, lambda f: image.save(f, format="PNG" if path.lower().endswith(".png") else "JPEG"))
 
 
 def atomic_write(path, write):

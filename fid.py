@@ -16,11 +16,16 @@ of images of one size, or a dataset: cifar10, mnist, fashion-mnist, with :train 
 Fashion-MNIST, Debian's /usr/share/datasets/fashion-mnist/. Their statistics are cached in
 ~/.cache/smd/fid_stats/. Weights: see inception.py (--weights PATH offline).
 
-Every flag, input and output path is checked, and both inputs are opened (an input of fewer
-than 2 images is refused), before the Inception is loaded; a refusal is one line on stderr
-with exit status 2. Fewer than 2048 images give a rank-deficient covariance and a biased-high
-FID that is not comparable to published numbers (stats() warns): use 10k-50k images, report N.
+Every flag, input and output path is checked, and both inputs are opened (a dataset's images
+read, unless its statistics are cached; an input of fewer than 2 images is refused), before the
+Inception is loaded; a refusal is one line on stderr with exit status 2. --save-stats replaces an
+existing file only with --force. Two inputs of different image sizes or channels get a warning
+(the Inception resizes everything to 299x299 and repeats gray to RGB, but the distance then
+compares unlike sets). Progress (images/s, ETA) goes to stderr; Ctrl-C stops in one line.
+Fewer than 2048 images give a rank-deficient covariance and a biased-high FID that is not
+comparable to published numbers (stats() warns): use 10k-50k images, report N.
 """
+import glob
 import os
 import sys
 import warnings
@@ -135,7 +140,10 @@ def load_npz(path):
                          f"or FID statistics ('mu' and 'sigma')")
     key = "images" if "images" in arrays else next(iter(arrays))
     where = f"{path}['{key}']" + ("" if key == "images" else " (no 'images' array: the first one is read)")
-    return "images", check_images(arrays[key], where)
+    images = check_images(arrays[key], where)
+    if key != "images":
+        print(f"{path}: no 'images' array; read the first one, '{key}' {images.shape}", file=sys.stderr)
+    return "images", images
 
 
 def image_files(folder):
@@ -177,18 +185,29 @@ def image_stats(model, images, n, source, args):
     return (*stats(feats), len(feats))
 
 
-def dataset_stats(model, source, args):
-    """(mu, sigma, N) of a dataset split: from the cache, else computed and cached."""
+def cache_path(source, args, tag="*"):
+    """Where a dataset split's statistics are cached, for the weights named `tag`."""
     name, _, split = source.partition(":")
-    split = split or "train"
+    return os.path.join(STATS_CACHE, f"{name}-{split or 'train'}-{args.limit or 'all'}-{tag}.npz")
+
+
+def read_dataset(source, args):
+    name, _, split = source.partition(":")
+    images = dataset_images(name, split or "train", args.data_dir)[:args.limit]
+    check_count(source, len(images))
+    return images
+
+
+def dataset_stats(model, source, images, args):
+    """(mu, sigma, N) of a dataset split: from the cache, else computed from its images (read
+    already, or now) and cached."""
     tag = os.path.splitext(os.path.basename(model.source))[0] + ("-tf32" if args.tf32 else "")
-    cache = os.path.join(STATS_CACHE, f"{name}-{split}-{args.limit or 'all'}-{tag}.npz")
+    cache = cache_path(source, args, tag)
     if os.path.isfile(cache):
         print(f"{source}: cached statistics {cache}", file=sys.stderr)
         with np.load(cache) as f:
             return f["mu"], f["sigma"], int(f["n"])
-    images = dataset_images(name, split, args.data_dir)[:args.limit]
-    check_count(source, len(images))
+    images = read_dataset(source, args) if images is None else images
     mu, sigma, n = image_stats(model, images, len(images), source, args)
     try:
         os.makedirs(STATS_CACHE, exist_ok=True)
@@ -199,24 +218,29 @@ def dataset_stats(model, source, args):
 
 
 def open_input(source, args):
-    """Check one input and load what can be loaded without the Inception (a dataset waits for
-    its cache). Returns (D, get_stats): the statistics' size and get_stats(model) -> (mu,
-    sigma, N), N None for a statistics file."""
+    """Check one input and load what can be loaded without the Inception: a dataset's images are
+    read now, so a missing one is named before any features are computed. Returns (D, shape,
+    get_stats): the statistics' size, the images' (H, W, C) (None for statistics) and
+    get_stats(model) -> (mu, sigma, N), N None for a statistics file."""
     kind = input_kind(source)
-    if kind == "dataset":
-        return 2048, lambda model: dataset_stats(model, source, args)
+    if kind == "dataset":   # read now, unless statistics are cached (for some weights: then maybe later)
+        images = None if glob.glob(cache_path(source, args)) else read_dataset(source, args)
+        return 2048, None if images is None else images.shape[1:], \
+            lambda model: dataset_stats(model, source, images, args)
     if kind == "folder":
         files = image_files(source)[:args.limit]
         check_count(source, len(files))
+        with Image.open(files[0]) as im:
+            shape = (im.size[1], im.size[0], 3)   # read as RGB
         images, n = folder_batches(files, args.batch_size, args.workers), len(files)
     else:
         what, loaded = load_npz(source)
         if what == "stats":
-            return len(loaded[0]), lambda model: (*loaded, None)
+            return len(loaded[0]), None, lambda model: (*loaded, None)
         images = loaded[:args.limit]
         check_count(source, len(images))
-        n = len(images)
-    return 2048, lambda model: image_stats(model, images, n, source, args)
+        n, shape = len(images), images.shape[1:]
+    return 2048, shape, lambda model: image_stats(model, images, n, source, args)
 
 # -----------------------------------------------------------------------------
 # The command line
@@ -237,6 +261,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=cli.positive_int, help="use only the first N >= 2 images of each input")
     p.add_argument("--tf32", action="store_true", help="allow TF32 on Ampere+ (faster, FID changes slightly)")
     p.add_argument("--save-stats", action="store_true", help="write mu/sigma of the first input to the second (.npz)")
+    p.add_argument("--force", action="store_true", help="with --save-stats: replace an existing file")
     args = p.parse_args(argv)
     a, b = args.inputs
     if args.limit == 1:
@@ -246,12 +271,9 @@ def parse_args(argv=None):
         cli.fail(PROG, f"--weights {args.weights}: no such file; download {FID_WEIGHTS_URL} and pass its "
                        f"path, or leave out --weights to download it through torch.hub")
     if args.save_stats:
-        if os.path.exists(b):
-            cli.fail(PROG, f"--save-stats: {b} exists and will not be overwritten; remove it or choose "
-                           f"another name")
         if not b.endswith(".npz"):
             cli.fail(PROG, f"--save-stats: {b} must end in .npz (fid.py reads statistics from .npz files)")
-        cli.writable_file(PROG, b, "--save-stats")
+        cli.output_file(PROG, b, "--save-stats", args.force)
     for source in [a] if args.save_stats else [a, b]:
         try:
             input_kind(source)
@@ -261,18 +283,26 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    with cli.one_line_interrupt(PROG):
+        return compute(parse_args(argv))
+
+
+def compute(args):
     a, b = args.inputs
     if torch.device(args.device).type == "cuda":
         torch.backends.cudnn.benchmark = True
     try:
         opened = [open_input(s, args) for s in ([a] if args.save_stats else [a, b])]  # both, before the Inception
-        sizes = [size for size, _ in opened]
+        sizes, shapes = [size for size, _, _ in opened], [shape for _, shape, _ in opened]
         if len(set(sizes)) > 1:
             raise ValueError(f"{a} and {b} hold statistics of different sizes ({sizes[0]} and {sizes[1]}); "
                              f"compare like with like")
+        if None not in shapes and len(set(map(tuple, shapes))) > 1:
+            warnings.warn(f"{a} holds {'x'.join(map(str, shapes[0]))} images, {b} "
+                          f"{'x'.join(map(str, shapes[1]))} (height x width x channels): the Inception resizes both "
+                          f"to 299x299 RGB, but FID between unlike sets measures the difference too", stacklevel=1)
         model = load_inception(args.weights, args.device)
-        (mu1, s1, n1), *second = [get_stats(model) for _, get_stats in opened]
+        (mu1, s1, n1), *second = [get_stats(model) for _, _, get_stats in opened]
         if args.save_stats:
             data.atomic_write(b, lambda f: np.savez(f, mu=mu1, sigma=s1))  # zlib: 4% smaller, 50x slower
             print(f"saved statistics of {a} (N={n1}) to {b}")

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import fmt_time
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 
@@ -305,8 +307,9 @@ def features(model, images, batch_size=200, device=None, tf32=False, progress=No
             feats.append(model(x.to(device).permute(0, 3, 1, 2).float().div(255)))  # channels_last
             n += len(x)
             if progress and time.time() - shown > 1:
-                shown = time.time()
-                print(f"\r{progress}: {n}/{total or '?'} images, {n / (shown - t0):.1f} img/s", end="", file=sys.stderr)
+                shown, rate = time.time(), n / (time.time() - t0)
+                eta = f", ETA {fmt_time((total - n) / rate)}" if total else ""
+                print(f"\r{progress}: {n}/{total or '?'} images, {rate:.1f} img/s{eta}", end="", file=sys.stderr)
     if not feats:
         raise ValueError("no images to compute FID features of")
     feats = torch.cat(feats).cpu().double().numpy()

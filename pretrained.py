@@ -18,6 +18,7 @@ Needs only torch: the hub's repositories also serve the .bin (a pickled state di
 torch.load(weights_only=True) reads; a .safetensors file is refused (use the .bin, or convert it).
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -205,3 +206,30 @@ def load(source=DEFAULT_MODEL):
     except ValueError as e:
         raise RuntimeError(f"{config_path} is not readable JSON: {e}") from None
     return unet_config(dcfg), convert(read_weights(weights), dcfg), desc
+
+
+def load_model(source=DEFAULT_MODEL):
+    """(UNet holding the published weights, its UNetConfig, description); the model equals
+    diffusers' UNet2DModel with those weights."""
+    cfg, state, desc = load(source)
+    model = UNet(cfg)
+    model.load_state_dict(state)
+    return model, cfg, desc
+
+
+RUN_CHOOSES = ("smd", "latent_dim", "dropout")   # what a run starting from published weights still chooses
+CHAIN = {"T": 1000, "schedule": "linear", "objective": "eps"}   # the chain they were trained on
+
+
+def initial_model(source, run, channels, image_size):
+    """train.py --init: (UNet holding published DDPM weights, the run's UNetConfig, description).
+    The weights fix the network's shape and the chain (T=1000, linear betas, eps); the run (a
+    dict of train.py's flags) chooses smd, latent_dim and dropout: SMD's g_xi and f_phi start
+    fresh, with f_phi's last layer at zero, so the SMD model starts exactly at DDPM's weights."""
+    if any(run[k] != v for k, v in CHAIN.items()):
+        raise ValueError(f"--init {source}: the weights fix the chain ({CHAIN}): drop --T, --schedule and --objective")
+    model, cfg, desc = load_model(source)
+    if (cfg.channels, cfg.image_size) != (channels, image_size):
+        raise ValueError(f"--init {source} takes {cfg.channels}x{cfg.image_size}x{cfg.image_size} images, "
+                         f"--dataset {run['dataset']} has {channels}x{image_size}x{image_size}")
+    return model, dataclasses.replace(cfg, **{k: run[k] for k in RUN_CHOOSES}), desc

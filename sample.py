@@ -9,18 +9,21 @@ sample.py -- draw images from a checkpoint written by train.py (EMA weights by d
     python sample.py --ckpt google/ddpm-cifar10-32 --clip-x0 --steps 100   # DDPM's published CIFAR-10 weights
     python sample.py --eta-sensitivity 32                    # SMD: does the model use its latent?
 
-Every flag and output path is checked before the checkpoint is loaded. Images are saved as
-uint8 NHWC, x -> round((x + 1) * 127.5) clamped to [0, 255]; the .npz holds them under the key
-`images`. The same checkpoint, seed and batch size give the same images. For an SMD model
-Algorithm 2 draws a fresh eta at every step (--eta fresh), so even DDIM with --ddim-eta 0 is
-random; --eta fixed holds one eta per image for the whole chain (--eta zero: eta = 0), which
-makes it deterministic and answers "does eta change the samples?". --eta-sensitivity N
-measures, on N training images, how much eps_hat moves with eta (0: the latent is unused).
+Every flag and output path is checked before the checkpoint is loaded, and an existing output
+is replaced only with --force. Images are saved as uint8 NHWC, x -> round((x + 1) * 127.5)
+clamped to [0, 255]; the .npz holds them under the key `images` (written first: if the grid
+then fails, the .npz is kept). The same checkpoint, seed and batch size give the same images
+(on CUDA with --compile a last, smaller batch is padded to the batch size so that nothing
+recompiles; its images then differ from an uncompiled run's). For an SMD model Algorithm 2
+draws a fresh eta at every step (--eta fresh), so even DDIM with --ddim-eta 0 is random; --eta
+fixed holds one eta per image for the whole chain (--eta zero: eta = 0), which makes it
+deterministic and answers "does eta change the samples?". --eta-sensitivity N measures, on N
+training images, how much eps_hat moves with eta (0: the latent is unused).
 """
-
 
 import argparse
 import functools
+import sys
 import time
 
 import numpy as np
@@ -29,7 +32,7 @@ import torch
 import cli
 import smd
 from checkpoint import load_checkpoint
-from data import make_batches, save_grid, save_npz, to_uint8
+from data import IMAGE_FORMATS, make_batches, save_grid, save_npz, to_uint8
 
 PROG = "sample.py"
 
@@ -41,30 +44,59 @@ def step_update(sampler="ddpm", var="large", ddim_eta=0.0, clip_x0=False):
     return functools.partial(smd.clipped_update, var=var) if clip_x0 else None
 
 
+class Progress(torch.nn.Module):
+    """The model, counting its calls (one per step of a chain) and printing, every few seconds,
+    how far the chains are, at how many images a second, and the time left."""
+
+    EVERY = 5.0   # seconds between lines
+
+    def __init__(self, model, n, steps):
+        super().__init__()
+        self.model, self.latent_dim = model, getattr(model, "latent_dim", 0)
+        self.n, self.steps, self.calls, self.done = n, steps, 0, 0
+        self.t0 = self.shown = time.time()
+
+    def forward(self, x, t, eta=None):
+        self.calls += 1
+        now = time.time()
+        if now - self.shown > self.EVERY:
+            self.shown, rate = now, (self.done * self.steps + self.calls) / (now - self.t0)   # steps per second
+            left = (self.n - self.done) * self.steps - self.calls
+            print(f"images {self.done}-{min(self.n, self.done + len(x))}/{self.n}: step {self.calls}/{self.steps} | "
+                  f"{rate / self.steps * len(x):.1f} img/s | ETA {cli.fmt_time(left / rate)}", flush=True)
+        return self.model(x, t, eta)
+
+
 @torch.no_grad()
 def generate(model, diffusion, n, batch_size=256, steps=None, var="large", update=None, eta="fresh", seed=0,
-             amp=False, progress=True):
+             amp=False, progress=True, pad=False):
     """n images as uint8 NHWC numpy. One generator seeded with `seed` draws every x_T, noise
     and eta, batch after batch, so the same seed and batch size give the same images. eta:
-    "fresh" (Alg. 2), or "fixed" / "zero" held for the chain (smd.HeldEta). The only host
-    sync is the copy of each finished batch."""
+    "fresh" (Alg. 2), or "fixed" / "zero" held for the chain (smd.HeldEta). pad: run a last,
+    smaller batch at the full batch size (a compiled model then meets one shape only). The only
+    host sync is the copy of each finished batch."""
     device = diffusion.betas.device
     g = torch.Generator(device).manual_seed(seed)
     shape = (model.channels, model.image_size, model.image_size)
+    chain = len(diffusion.timesteps(steps))
+    counter = Progress(model, n, chain) if progress else model
     out, t0 = [], time.time()
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        x_T = torch.randn((b, *shape), device=device, generator=g)
-        net = model
+        size = batch_size if pad else b
+        x_T = torch.randn((size, *shape), device=device, generator=g)
+        net = counter
         if eta != "fresh" and getattr(model, "latent_dim", 0):
-            held = torch.zeros(b, model.latent_dim, device=device)
-            net = smd.HeldEta(model, held.normal_(generator=g) if eta == "fixed" else held)
+            held = torch.zeros(size, model.latent_dim, device=device)
+            net = smd.HeldEta(counter, held.normal_(generator=g) if eta == "fixed" else held)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            x = diffusion.sample(net, (b, *shape), steps, var, generator=g, x_T=x_T, update=update)
-        out.append(to_uint8(x).cpu().numpy())
+            x = diffusion.sample(net, (size, *shape), steps, var, generator=g, x_T=x_T, update=update)
+        out.append(to_uint8(x[:b]).cpu().numpy())
         if progress:
-            done, dt = start + b, time.time() - t0
-            print(f"{done}/{n} images | {done / dt:.1f} img/s | ETA {cli.fmt_time(dt / done * (n - done))}", flush=True)
+            counter.done, counter.calls = start + b, 0
+            dt = time.time() - t0
+            print(f"{start + b}/{n} images | {(start + b) / dt:.1f} img/s | "
+                  f"ETA {cli.fmt_time(dt / (start + b) * (n - start - b))}", flush=True)
     return np.concatenate(out)
 
 
@@ -92,8 +124,8 @@ def get_parser():
                         "(google/ddpm-cifar10-32, downloaded once), a folder or a .bin file")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--steps", type=cli.int_at_least(2, "a sampler takes >= 2 steps"), default=None,
-                   help="sampling steps (respaced); default: all T")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+                   help="sampling steps, respaced (default: all T of the checkpoint's chain)")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="Algorithm 2 (ddpm) or DDIM")
     p.add_argument("--var", default="large", choices=["large", "small"], help="DDPM: sigma^2 = beta or beta_tilde")
     p.add_argument("--ddim-eta", type=cli.nonneg_float, default=0.0,
                    help="DDIM's eta (0: deterministic for DDPM models; for SMD add --eta fixed); not SMD's eta")
@@ -102,16 +134,19 @@ def get_parser():
     p.add_argument("--eta", default="fresh", choices=["fresh", "fixed", "zero"],
                    help="SMD: a fresh eta every step (Alg. 2), one per image for the chain, or eta = 0")
     p.add_argument("--n", type=cli.positive_int, default=64, help="number of images")
-    p.add_argument("--batch-size", type=cli.positive_int, default=256)
-    p.add_argument("--seed", type=cli.nonneg_int, default=0)
-    p.add_argument("--grid", default=None, help="PNG grid of the first 256 images (default samples.png without --npz)")
-    p.add_argument("--npz", default=None, help=".npz of all images, uint8 NHWC under 'images' (fid.py's input)")
-    p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument("--batch-size", type=cli.positive_int, default=256, help="images sampled at once")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="x_T, every step's noise and eta")
+    p.add_argument("--grid", default=None, help=f"{' or '.join(IMAGE_FORMATS)} grid of the first 256 images "
+                   f"(default: samples.png when there is no --npz)")
+    p.add_argument("--npz", default=None, help=".npz of all images, uint8 NHWC under 'images' (fid.py's input; "
+                   "default: none)")
+    p.add_argument("--force", action="store_true", help="replace an existing --grid or --npz file")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores, else torch's)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the U-Net; default: on with CUDA")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the U-Net (the chain stays fp32); default: on with CUDA")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the U-Net "
+                   "(default: on with CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast for the U-Net, the chain stays fp32 (default: on with CUDA)")
     p.add_argument("--eta-sensitivity", type=cli.nonneg_int, default=0, metavar="N",
                    help="SMD: measure the eta-sensitivity on N training images (0: skip)")
     return p
@@ -121,6 +156,9 @@ def load(args, device):
     """(model, diffusion, info) with every check that needs the checkpoint: steps against T."""
     try:
         model, diffusion, info = load_checkpoint(args.ckpt, device, ema=not args.no_ema)
+    except FileNotFoundError as e:
+        cli.fail(PROG, f"--ckpt {args.ckpt}: {e}; train one first (python train.py --out-dir out ..., see the "
+                       f"README's quick start), or pass --ckpt PATH to a checkpoint, a run folder or DDPM's weights")
     except (OSError, RuntimeError, ValueError) as e:
         cli.fail(PROG, f"--ckpt {args.ckpt}: {e}")
     if args.steps is not None and args.steps > diffusion.T:
@@ -130,33 +168,51 @@ def load(args, device):
     return model, diffusion, info
 
 
+def write(images, grid, npz):
+    """The .npz first, then the grid; a failed write is reported and the other one kept.
+    Returns whether every write succeeded."""
+    ok = True
+    for path, save, what in ((npz, save_npz, f"{len(images)} images {images.shape[1:]} uint8 under 'images'"),
+                             (grid, lambda x, p: save_grid(x[:256], p), f"a grid of {min(256, len(images))} images")):
+        if not path:
+            continue
+        try:
+            save(images, path)
+            print(f"wrote {path}: {what}", flush=True)
+        except OSError as e:
+            print(f"{PROG}: could not write {path} ({e.strerror or e})", file=sys.stderr, flush=True)
+            ok = False
+    return ok
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     grid = args.grid or (None if args.npz else "samples.png")
-    cli.writable_file(PROG, grid, "--grid")
-    cli.writable_file(PROG, args.npz, "--npz")
+    cli.output_file(PROG, grid, "--grid", args.force, IMAGE_FORMATS)
+    cli.output_file(PROG, args.npz, "--npz", args.force, (".npz",))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cli.set_threads(args.threads)
     compile_, amp = cli.cuda_defaults(device, args.compile, args.amp)
-    model, diffusion, info = load(args, device)
-    origin = (f"published weights ({info['init']})" if info["step"] is None else
-              f"trained {info['step']} steps on {info.get('dataset')}"
-              + (f" from {info['init']}" if info.get("init") else "") + f", {'raw' if args.no_ema else 'EMA'} weights")
-    kind = "SMD" if info["smd"] else f"categorical K={info['components']}" if info.get("components") else "DDPM"
-    print(f"{args.ckpt}: {kind} U-Net {origin} | {args.sampler}, {args.steps or diffusion.T} of T={diffusion.T} "
-          f"steps, var {args.var}, clip_x0={args.clip_x0}, eta {args.eta}, seed {args.seed}, n {args.n}, "
-          f"compile={compile_}, bf16={amp}", flush=True)
-    net = torch.compile(model) if compile_ else model
-    update = step_update(args.sampler, args.var, args.ddim_eta, args.clip_x0)
-    images = generate(net, diffusion, args.n, args.batch_size, args.steps, args.var, update, args.eta, args.seed, amp)
-    if grid:
-        save_grid(images[:256], grid)
-        print(f"wrote {grid}")
-    if args.npz:
-        save_npz(images, args.npz)
-        print(f"wrote {args.npz}: {images.shape[0]} images {images.shape[1:]} uint8 under 'images'")
-    if info["smd"] and args.eta_sensitivity:
-        report_eta_sensitivity(model, diffusion, info, device, args.seed, args.eta_sensitivity)
+    with cli.one_line_interrupt(PROG):
+        model, diffusion, info = load(args, device)
+        origin = (f"published weights ({info['init']})" if info["step"] is None else
+                  f"trained {info['step']} steps on {info.get('dataset')}"
+                  + (f" from {info['init']}" if info.get("init") else "") + f", {'raw' if args.no_ema else 'EMA'} weights")
+        kind = info["model_class"].rpartition(".")[2] + (" with SMD" if info["smd"] else "")
+        sampler = "DDIM" + (f" (ddim_eta {args.ddim_eta})" if args.ddim_eta else "") if args.sampler == "ddim" \
+            else f"DDPM, sigma^2 {'beta' if args.var == 'large' else 'beta_tilde'}"
+        print(f"{args.ckpt}: {kind} {origin} | {sampler}, {args.steps or diffusion.T} of T={diffusion.T} steps, "
+              f"clip_x0={args.clip_x0}, eta {args.eta}, seed {args.seed}, n {args.n}, compile={compile_}, bf16={amp}",
+              flush=True)
+        net = torch.compile(model) if compile_ else model
+        update = step_update(args.sampler, args.var, args.ddim_eta, args.clip_x0)
+        images = generate(net, diffusion, args.n, args.batch_size, args.steps, args.var, update, args.eta, args.seed,
+                          amp, pad=compile_)
+        ok = write(images, grid, args.npz)
+        if info["smd"] and args.eta_sensitivity:
+            report_eta_sensitivity(model, diffusion, info, device, args.seed, args.eta_sensitivity)
+    if not ok:
+        raise SystemExit(1)
     return images
 
 

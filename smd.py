@@ -4,10 +4,12 @@ smd.py -- Soft Mixture Denoising (Li, van Breugel, van der Schaar, ICLR 2024) on
 Read it top to bottom; it is the paper in the order a reader needs it:
   SoftMixture  the latent z_t = g_xi(eta, x_t, t) and the hypernetwork f_phi(z_t, t), whose
                per-block (scale, shift) `modulate` applies (Eq. 11: theta_hat = theta u f_phi).
-  Diffusion    the forward process (Eq. 1), Algorithm 1 (`loss`) and Algorithm 2 (`sample`).
+  Diffusion    the forward process (Eq. 1) in closed form, q(x_t | x_0) (Alg. 1 line 4), Algorithm 1
+               (`loss`) and Algorithm 2 (`sample`).
   beside Alg. 2: the update of its line 7 and its variants (the authors' clipped-x0 path,
                DDIM), and `HeldEta`, a wrapper holding eta fixed for a whole chain.
-  train_step   Algorithm 1 as one optimiser update; the EMA of the weights.
+  train_step   Algorithm 1 as one optimiser update; the EMA of the weights; `train_loop`, the
+               small experiments' loop (toy.py, beyond/; train.py has its own).
   eta_sensitivity  does a trained model use its latent at all? (Alg. 1's loss is minimised by
                an eps_hat that ignores z: eta is independent of (x_0, eps) given x_t.)
 
@@ -20,20 +22,23 @@ itself, so Algorithms 1 and 2 read line by line below.
 """
 
 import math
+import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import fmt_time
+
 # -----------------------------------------------------------------------------
 # Soft Mixture Denoising: z_t = g_xi(eta, x_t, t) and theta_hat = theta u f_phi(z_t, t)
 
 
 class SoftMixture(nn.Module):
-    """g_xi: MLP on [eta, pooled features of x_t, time embedding] -> z_t (Alg. 1 line 6).
-    f_phi: MLP on [z_t, time embedding] -> one (scale, shift) pair per modulated block
-    (Alg. 1 line 7). f_phi's last layer starts at zero, so an untrained SMD model is the
+    """g_xi: MLP on [eta, pooled features of x_t, time embedding] -> z_t (Alg. 1 line 6, Alg. 2
+    line 5). f_phi: MLP on [z_t, time embedding] -> one (scale, shift) pair per modulated block
+    (Alg. 1 line 7, Alg. 2 line 6). f_phi's last layer starts at zero, so an untrained SMD model is the
     vanilla one. It knows nothing of U-Nets: any denoiser with blocks can use it."""
 
     def __init__(self, latent_dim, feat_dim, temb_dim, block_channels, hidden=512):
@@ -46,8 +51,8 @@ class SoftMixture(nn.Module):
 
     def forward(self, eta, feats, temb):
         """[(scale, shift), ...], each (B, C_block), one pair per block."""
-        z = self.g_xi(torch.cat([eta.to(feats.dtype), feats, temb], 1))   # line 6: z_t = g_xi(eta, x_t, t)
-        params = self.f_phi(torch.cat([z, temb], 1))                      # line 7: f_phi(z_t, t)
+        z = self.g_xi(torch.cat([eta.to(feats.dtype), feats, temb], 1))   # Alg. 1 l. 6, Alg. 2 l. 5: z_t = g_xi(eta, x_t, t)
+        params = self.f_phi(torch.cat([z, temb], 1))                      # Alg. 1 l. 7, Alg. 2 l. 6: f_phi(z_t, t)
         chunks = params.split([2 * c for c in self.block_channels], dim=1)
         return [tuple(c.chunk(2, dim=1)) for c in chunks]
 
@@ -137,7 +142,8 @@ class Diffusion(nn.Module):
         self.register_buffer("betas", torch.from_numpy(1.0 - abar / np.append(1.0, abar[:-1])))
 
     def q_sample(self, x0, t, eps):
-        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Eq. 1; Alg. 1 line 4)."""
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps: a draw from q(x_t | x_0), the closed form of
+        Eq. (1)'s chain (Alg. 1 line 4)."""
         abar = self.alphas_cumprod[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
         return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
 
@@ -215,11 +221,18 @@ class Diffusion(nn.Module):
         """x0_hat from the network's output."""
         abar = torch.as_tensor(abar, dtype=x_t.dtype, device=x_t.device)
         if self.objective == "eps":
-            return (x_t - (1 - abar).sqrt() * out) / abar.sqrt()
+            return x0_from_eps(x_t, out, abar)
         return abar.sqrt() * x_t - (1 - abar).sqrt() * out        # x0 = sqrt(abar) x_t - sqrt(1-abar) v
 
 # -----------------------------------------------------------------------------
 # line 7 of Algorithm 2, and what stands beside it (the sampler options the paper does not have)
+
+
+def x0_from_eps(x_t, eps_hat, abar):
+    """x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar): q_sample solved for x_0 (abar: a
+    float, or a tensor broadcastable to x_t)."""
+    sqrt = math.sqrt if isinstance(abar, float) else torch.sqrt
+    return (x_t - sqrt(1 - abar) * eps_hat) / sqrt(abar)
 
 
 def ddpm_update(x, eps_hat, noise, abar, abar_prev, var="large"):
@@ -235,7 +248,7 @@ def ddpm_update(x, eps_hat, noise, abar, abar_prev, var="large"):
 def clipped_update(x, eps_hat, noise, abar, abar_prev, var="large"):
     """The authors' sampler: line 7's mean written through x0_hat, clipped to [-1, 1], as the
     posterior mean c0 x0_hat + ct x_t (equal to line 7 when nothing is clipped)."""
-    x0 = ((x - math.sqrt(1 - abar) * eps_hat) / math.sqrt(abar)).clamp(-1, 1)
+    x0 = x0_from_eps(x, eps_hat, abar).clamp(-1, 1)
     c0, ct, beta_tilde = posterior(abar, abar_prev)
     if abar_prev == 1.0:
         return c0 * x0 + ct * x
@@ -245,7 +258,7 @@ def clipped_update(x, eps_hat, noise, abar, abar_prev, var="large"):
 def ddim_update(x, eps_hat, noise, abar, abar_prev, ddim_eta=0.0, clip_x0=False):
     """DDIM (Song et al. 2021, Eq. 12) on the same kept steps; ddim_eta = 0 is deterministic
     (for an SMD model only with its eta held: HeldEta). Not to be confused with SMD's eta."""
-    x0 = (x - math.sqrt(1 - abar) * eps_hat) / math.sqrt(abar)
+    x0 = x0_from_eps(x, eps_hat, abar)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
         eps_hat = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
@@ -300,6 +313,30 @@ def ema_decay(n, max_decay=0.9999):
 def ema_update(ema_params, params, decay):
     """ema = lerp(ema, p, 1 - decay) for all parameters in one foreach kernel."""
     torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def train_loop(model, diffusion, draw, max_steps, lr, warmup=0, grad_clip=1.0, loss_args=lambda step: {},
+               before_step=None, label=""):
+    """The small experiments' training loop (toy.py, beyond/), in one process on the CPU: each step
+    a batch x0 = draw(), before_step(step, optimizer) if given, then train_step with
+    loss_args(step); the learning rate warms up linearly over `warmup` steps and decays to 0 on a
+    cosine. (train.py has its own loop: checkpoints, EMA, DDP, signals.) Progress every 10%.
+    Returns (the mean loss of the last 10% of steps, ms per step)."""
+    optimizer = make_optimizer(model, lr, "cpu")
+    losses, every, t0 = [], max(1, max_steps // 10), time.time()
+    for step in range(max_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * step / max_steps))
+        x0 = draw()
+        if before_step:
+            before_step(step, optimizer)
+        losses.append(train_step(model, diffusion, optimizer, x0, grad_clip, **loss_args(step)).item())
+        if (step + 1) % every == 0 and step + 1 < max_steps:
+            s = time.time() - t0
+            print(f"  {label}step {step + 1}/{max_steps}, loss {sum(losses[-every:]) / every:.4f}, "
+                  f"{1000 * s / (step + 1):.0f} ms/step, ETA {fmt_time(s / (step + 1) * (max_steps - step - 1))}",
+                  flush=True)
+    return sum(losses[-every:]) / every, 1000 * (time.time() - t0) / max_steps
 
 # -----------------------------------------------------------------------------
 # the caveat, measured: does the model use its latent?

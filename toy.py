@@ -6,16 +6,14 @@ On a Gaussian mixture everything is known in closed form: the density q(x_t), th
 Gaussian denoiser eps* = E[eps | x_t] (what a perfectly trained vanilla DDPM computes, the
 bottleneck of Theorem 3.1) and the true posterior q(x_{t-1} | x_t), again a Gaussian mixture
 (Proposition 3.1, Eq. 29), which sampled step by step is what Theorem 4.1 says SMD can reach.
-We train a vanilla and an SMD MLP denoiser (Algorithm 1 of smd.py; or, beyond the paper, the
-categorical mixture of categorical.py), sample them (Algorithm 2) at several step counts, and
-score them and both references against the true mixture. Every flag is checked before training.
+We train a vanilla and an SMD MLP denoiser (Algorithm 1 of smd.py) with the same number of
+parameters, sample them (Algorithm 2) at several step counts, and score them and both references
+against the true mixture. Every flag and output path is checked before training.
 
     python toy.py                          # T=1000, respaced to 1000/100/20/10/5 steps (4-7 min, 1 core)
-    python toy.py --smd-objective iwae     # beyond the paper: the importance-weighted bound
-    python toy.py --T 10 --steps 10,5 --smd-objective jensen,iwae   # train a 10-step chain directly
-    python toy.py --T 5 --steps 5 --smd-objective categorical-var --width 160 --batch-size 512 --iters 24000
-                                           # beyond the paper: K=49 categorical mixture, ~8.5 min, 1 core
+    python toy.py --T 10 --steps 10,5      # train a 10-step chain directly
     python toy.py --seeds 3 --json out.json --png out.png
+    python -m beyond.toy --models vanilla,smd,iwae   # beyond the paper: the IWAE bound, categorical mixtures
 """
 
 import math
@@ -31,8 +29,9 @@ import cli
 import data
 import gmm
 import smd
-from categorical import CategoricalDiffusion, temperature
 from unet import matched_width, n_params
+
+PROG = "toy.py"
 
 # -----------------------------------------------------------------------------
 # the data; everything exact about it is in gmm.py
@@ -110,129 +109,64 @@ class Denoiser(nn.Module):
         return h, e
 
 
-class CategoricalDenoiser(Denoiser):
-    """Beyond the paper (categorical.py): K 2-d outputs, K logits and, if learned_var, K variance
-    logits, all from the same last features; pi starts uniform."""
-
-    def __init__(self, width=128, depth=3, T=1000, components=49, learned_var=False, **kw):
-        self.components, self.learned_var = components, learned_var
-        super().__init__(width, depth, 0, T, **kw)
-        self.head = nn.Linear(width, components * (2 if learned_var else 1))
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def output_layer(self, width):
-        return nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 2 * self.components))
-
-    def forward(self, x, t, eta=None):
-        h, K = self.out[:-1](self.trunk(x, t)[0]), self.components
-        head = self.head(h)
-        return self.out[-1](h).view(-1, K, 2), head[:, :K], head[:, K:] if self.learned_var else None
-
-
 def eta_zero(model, n):
     """The SMD model with eta held at 0 for n samples: if it samples as well, the latent is unused."""
     return smd.HeldEta(model, torch.zeros(n, model.latent_dim))
 
 # -----------------------------------------------------------------------------
-# training: Algorithm 1 (Jensen) or the importance-weighted bound (beyond the paper)
+# the models, with parameter counts matched by width, and their training
 
 
-def iwae_loss(model, diffusion, x0, eta_samples):
-    """-(1/Gamma_t) log (1/K) sum_k p(x_{t-1} | x_t, z_k), x_{t-1} ~ q(x_{t-1} | x_t, x_0), K = eta_samples.
-    With p(x_{t-1} | x_t, z) = N(mu_z, sigma_t^2 I), mu_z from eps_hat_k by Eq. (12)/Alg. 2 line 7 and
-    x_{t-1} = mu_tilde + sqrt(beta_tilde) xi (mu_tilde: the same formula with the true eps):
-      x_{t-1} - mu_z = c D_k + sqrt(beta_tilde) xi,  D_k = eps_hat_k - eps,  c = beta / sqrt(alpha (1 - abar)),
-      log p_k = -Gamma ||D_k||^2 - rho D_k.xi + const,  Gamma = c^2 / (2 sigma^2)  (the paper's Gamma_t, Eq. 14),
-      rho = c sqrt(beta_tilde) / sigma^2.  sigma^2 = beta_tilde, clipped at t=0 to its t=1 value (IDDPM).
-    Subtracting rho mean_k(D_k).xi from every log p_k shifts the bound by a zero-mean term (xi is
-    independent of everything else) and removes the xi noise when the K predictions agree. Then
-    dividing by Gamma_t gives exactly the paper's loss ||eps - eps_hat||^2 when z is ignored, and a
-    soft minimum over k (winner-takes-all as Gamma_t -> inf) when the predictions differ."""
-    B, D, K = *x0.shape, eta_samples
-    t = torch.randint(0, diffusion.T, (B,))
-    eps = torch.randn_like(x0)
-    x_t = diffusion.q_sample(x0, t, eps)
-    eta = torch.randn(B * K, model.latent_dim)
-    eps_hat = model(x_t.repeat_interleave(K, 0), t.repeat_interleave(K, 0), eta).view(B, K, D)
-    abar, beta = diffusion.alphas_cumprod, diffusion.betas
-    beta_tilde = smd.posterior(abar, torch.cat([abar.new_ones(1), abar[:-1]]))[2]
-    sigma2 = torch.cat([beta_tilde[1:2], beta_tilde[1:]])
-    c2 = beta**2 / ((1 - beta) * (1 - abar))
-    gamma, rho = (c2 / (2 * sigma2))[t], (c2.sqrt() * beta_tilde.sqrt() / sigma2)[t]      # float64
-    d = (eps_hat - eps[:, None]).double()
-    xi = torch.randn(B, 1, D, dtype=torch.float64)
-    logp = -gamma[:, None] * d.pow(2).sum(-1) - rho[:, None] * ((d - d.mean(1, keepdim=True)) * xi).sum(-1)
-    bound = logp.logsumexp(1) - math.log(K)
-    return (-(bound / gamma).mean() / D).float()          # / D: the same scale as F.mse_loss
+def model_specs(args, extra=None):
+    """{name: spec} for the models in args.models: vanilla and SMD (Algorithm 1), and those of
+    `extra` {name in args.models: spec_of(args)} (beyond/toy.py). A spec is a dict: make(width)
+    -> model, the diffusion (its loss is the training objective), loss_args(step) -> the loss's
+    keyword arguments, and var, the sampling variances (None: --var). With --match-params (the
+    default) each model's width is the one whose parameter count is closest to the largest of
+    the models at --ch (unet.matched_width)."""
+    makers = {"vanilla": lambda a: dict(make=lambda w: Denoiser(w, a.depth, 0, a.T)),
+              "smd": lambda a: dict(make=lambda w: Denoiser(w, a.depth, a.latent_dim, a.T, mix_hidden=a.mix_hidden)),
+              **(extra or {})}
+    specs = {}
+    for key in args.models:
+        spec = {"diffusion": smd.Diffusion(args.T), "loss_args": lambda step: {}, "var": None, **makers[key](args)}
+        specs[spec.pop("name", "SMD" if key == "smd" else key)] = spec
+    target = max(n_params(spec["make"](args.ch)) for spec in specs.values())
+    for spec in specs.values():
+        spec["width"] = matched_width(target, spec["make"]) if args.match_params else args.ch
+    return specs
 
 
-def train(model, diffusion, args, objective):
-    """AdamW with a cosine learning-rate decay; returns the mean loss of the last 10% of steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    losses = []
-    for it in range(args.iters):
-        for g in opt.param_groups:
-            g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * it / args.iters))
-        x0 = DATA.sample(args.batch_size).float()
-        if objective == "iwae":
-            loss = iwae_loss(model, diffusion, x0[:max(1, args.batch_size // args.eta_samples)], args.eta_samples)
-        elif objective.startswith("categorical"):   # the exact mixture likelihood, annealed if asked
-            loss = diffusion.loss(model, x0, tau=temperature(it, args.iters, args.anneal))
-        else:   # Algorithm 1 (vanilla: eta is None; SMD: one eta per example, the paper's Jensen bound)
-            loss = diffusion.loss(model, x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return float(np.mean(losses[-max(1, args.iters // 10):]))
+def train(model, spec, args):
+    """smd.train_loop on fresh batches of the mixture: AdamW, a cosine learning-rate decay, no
+    warm-up and no gradient clipping. Returns the mean loss of the last 10% of steps."""
+    draw = lambda: DATA.sample(args.batch_size).float()
+    return smd.train_loop(model, spec["diffusion"], draw, args.max_steps, args.lr, warmup=0, grad_clip=0.0,
+                          loss_args=spec["loss_args"])[0]
 
 # -----------------------------------------------------------------------------
 # one seed: train, sample everything, score everything
 
 
-def build_models(args):
-    """{name: (objective, make_model, diffusion)} for vanilla and the objectives asked for. With
-    --match-params (the default) every model's width is raised to the parameter count of the
-    largest one at --width (unet.matched_width: the width with the closest count)."""
-    eps = smd.Diffusion(args.T)
-    makers = {"vanilla": ("jensen", lambda w: Denoiser(w, args.depth, 0, args.T), eps)}
-    for o in args.smd_objective:
-        if o in ("jensen", "iwae"):
-            makers[f"SMD-{o}"] = (o, lambda w: Denoiser(w, args.depth, args.latent_dim, args.T,
-                                                        mix_hidden=args.mix_hidden), eps)
-        else:   # categorical mixtures read their x0_hat_k through the v objective
-            lv = o == "categorical-var"
-            makers[f"categorical K={args.components}" + (", learned var" if lv else "")] = \
-                (o, lambda w, lv=lv: CategoricalDenoiser(w, args.depth, args.T, args.components, lv),
-                 CategoricalDiffusion(args.T, objective="v"))
-    target = max(n_params(make(args.width)) for _, make, _ in makers.values())
-    out = {}
-    for name, (o, make, diffusion) in makers.items():
-        w = matched_width(target, make) if args.match_params else args.width
-        out[name] = (o, lambda make=make, w=w: make(w), diffusion)
-    return out
-
-
-def run(args, seed):
+def run(args, seed, specs):
     """Train every model from the same seed (same init stream, same batches: common random
     numbers), then sample and score them and both references at every step count."""
     steps_list = args.steps
     models, info = {}, {}
-    for name, (objective, make, diffusion) in build_models(args).items():
+    for name, spec in specs.items():
         torch.manual_seed(seed)
-        model = make()
+        model, diffusion = spec["make"](spec["width"]), spec["diffusion"]
         t0 = time.time()
-        final_loss = train(model, diffusion, args, objective)
+        final_loss = train(model, spec, args)
         model.eval()
         info[name] = dict(params=n_params(model), loss=final_loss, train_s=time.time() - t0,
                           eta_sensitivity=smd.eta_sensitivity(model, diffusion, DATA.sample(1000).float())[0]
                           if model.latent_dim else 0.0)
-        print(f"seed {seed} {name}: {info[name]['params']:,} params, final loss {final_loss:.4f} ({objective}), "
+        print(f"seed {seed} {name}: {info[name]['params']:,} params, final loss {final_loss:.4f}, "
               f"eta-sensitivity {info[name]['eta_sensitivity']:.4f}, {info[name]['train_s']:.0f}s")
-        models[name] = (model, diffusion)
+        models[name] = (model, diffusion, spec["var"])
         if model.latent_dim:
-            models[name + " eta=0"] = (eta_zero(model, args.n), diffusion)
+            models[name + " eta=0"] = (eta_zero(model, args.n), diffusion, args.var[:1])
     rows, gen = [], lambda s: torch.Generator().manual_seed(seed * 100003 + s)
 
     def score(name, var, s, x, **extra):
@@ -242,20 +176,18 @@ def run(args, seed):
     score("data", "-", 0, DATA.sample(args.n, gen(0)))
     for s in steps_list:
         score("exact mixture", "-", s, DATA.sample_exact(reference, args.n, s, gen(s)))
-    samplers = [("best Gaussian", DATA.best_gaussian_model(reference), reference, torch.float64)] + \
-               [(k, m, d, torch.float32) for k, (m, d) in models.items()]
+    samplers = [("best Gaussian", DATA.best_gaussian_model(reference), reference, None, torch.float64)] + \
+               [(k, m, d, v, torch.float32) for k, (m, d, v) in models.items()]
     with torch.no_grad():
-        for name, model, diffusion, dtype in samplers:
-            # eta=0: the first var only; categorical: beta_tilde, as trained (or their own variances)
-            variances = ["small"] if name.startswith("categorical") else args.var[:1] if name.endswith("eta=0") else args.var
-            for var in variances:
+        for name, model, diffusion, variances, dtype in samplers:   # eta=0: the first --var only
+            for var in variances or args.var:
                 for s in steps_list:
                     t0 = time.time()     # Diffusion.sample clamps to [-1, 1]; the data lie in |x| < 0.9
                     g = gen(s)
                     x_T = torch.randn((args.n, 2), generator=g, dtype=dtype)
                     x = diffusion.sample(model, x_T.shape, steps=s, var=var, generator=g, x_T=x_T)
                     print(f"  sampled {name}, sigma^2 {var}, {s} steps: {time.time() - t0:.0f}s", flush=True)
-                    extra = {"eta_sens": info[name]["eta_sensitivity"]} if name.startswith("SMD") and name in info else {}
+                    extra = {"eta_sens": info[name]["eta_sensitivity"]} if getattr(model, "latent_dim", 0) and name in info else {}
                     score(name, var, s, x, **extra)
     return rows, info
 
@@ -323,51 +255,52 @@ def figure(rows, path, px=96, pad=4, left=150, top=20):
     img.save(path, optimize=True)
 
 
-def get_parser():
-    p = cli.Parser(__doc__, prog="toy.py")
+def get_parser(models=("vanilla", "smd")):
+    """toy.py's flags; beyond/toy.py adds its models' names to `models` and its own flags."""
+    p = cli.Parser(__doc__, prog=PROG)
     p.add_argument("--T", type=cli.int_at_least(2, "a chain needs 2 steps"), default=1000, help="training chain length")
-    p.add_argument("--steps", type=cli.positive_ints, default=[1000, 100, 20, 10, 5], help="sampling step counts")
-    p.add_argument("--var", type=cli.choices_list(["large", "small"]), default=["large", "small"])
-    p.add_argument("--smd-objective", type=cli.choices_list(["jensen", "iwae", "categorical", "categorical-var"]),
-                   default=["jensen"], help="comma-separated: jensen (the paper's SMD), iwae (SMD, importance-weighted "
-                   "bound), categorical (K components, beta_tilde variances), categorical-var (learned variances)")
-    p.add_argument("--eta-samples", type=cli.positive_int, default=8, help="etas per example for iwae")
-    p.add_argument("--components", type=cli.positive_int, default=49, help="categorical: number of components K")
-    p.add_argument("--width", type=cli.positive_int, default=96)
-    p.add_argument("--depth", type=cli.positive_int, default=3)
-    p.add_argument("--latent-dim", type=cli.positive_int, default=4)
+    p.add_argument("--steps", type=cli.positive_ints, default=[1000, 100, 20, 10, 5],
+                   help="sampling step counts, each in [2, T]")
+    p.add_argument("--var", type=cli.choices_list(["large", "small"]), default=["large", "small"],
+                   help="sampling variances: sigma^2 = beta (large) and/or beta_tilde (small)")
+    p.add_argument("--models", type=cli.choices_list(models), default=["vanilla", "smd"],
+                   help=f"comma-separated, of: {', '.join(models)}")
+    p.add_argument("--ch", type=cli.positive_int, default=96, help="the MLP's width (then matched: --no-match-params)")
+    p.add_argument("--depth", type=cli.positive_int, default=3, help="residual blocks")
+    p.add_argument("--latent-dim", type=cli.positive_int, default=4, help="SMD: size of eta and z_t")
     p.add_argument("--mix-hidden", type=cli.positive_int, default=32, help="SMD: g_xi and f_phi's hidden width")
     p.add_argument("--no-match-params", dest="match_params", action="store_false",
-                   help="by default every model's width is raised to the largest model's parameter count")
-    p.add_argument("--iters", type=cli.positive_int, default=4000)
-    p.add_argument("--batch-size", type=cli.positive_int, default=512,
-                   help="rows per step (iwae: batch-size/eta-samples examples x eta-samples etas)")
-    p.add_argument("--lr", type=cli.positive_float, default=2e-3)
-    p.add_argument("--anneal", type=cli.temperature, default=1.0, help="categorical: responsibilities' temperature "
-                   "from this to 1 over the first half of training (categorical.temperature; 1: off)")
-    p.add_argument("--n", type=cli.int_at_least(2, "samples per evaluation"), default=10000)
-    p.add_argument("--seed", type=cli.nonneg_int, default=0)
-    p.add_argument("--seeds", type=cli.positive_int, default=1)
+                   help="every model at --ch (by default widths match the largest model's parameter count)")
+    p.add_argument("--max-steps", type=cli.positive_int, default=4000, help="training steps per model")
+    p.add_argument("--batch-size", type=cli.positive_int, default=512, help="examples per training step")
+    p.add_argument("--lr", type=cli.positive_float, default=2e-3, help="AdamW's peak learning rate (cosine decay)")
+    p.add_argument("--n", type=cli.int_at_least(2, "samples per evaluation"), default=10000,
+                   help="samples per model and step count")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="the first seed")
+    p.add_argument("--seeds", type=cli.positive_int, default=1, help="seeds, from --seed on (mean and std reported)")
     p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores)")
-    p.add_argument("--json", default="", help="write results here")
-    p.add_argument("--png", default="toy.png", help="write the figure here (first seed); '' for none")
+    p.add_argument("--json", default="", help="write the results here ('': nowhere)")
+    p.add_argument("--png", default="toy.png", help="write the figure here (first seed; '': none)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json or --png file")
     return p
 
 
-def main(argv=None):
-    args = get_parser().parse_args(argv)
-    too_long = [s for s in args.steps if s > args.T]
-    if too_long:
-        cli.fail("toy.py", f"--steps {','.join(map(str, too_long))}: a chain of --T {args.T} has at most {args.T} steps")
-    if "iwae" in args.smd_objective and args.batch_size < args.eta_samples:
-        cli.fail("toy.py", f"--batch-size {args.batch_size}: iwae needs at least --eta-samples {args.eta_samples} rows")
-    cli.writable_file("toy.py", args.json, "--json")
-    cli.writable_file("toy.py", args.png, "--png")
+def main(argv=None, parser=None, extra=None):
+    """Check every flag and output path, run every seed, print the table, write JSON and figure.
+    beyond/toy.py passes its parser and `extra` model specs (see model_specs)."""
+    parser = parser or get_parser()
+    args = parser.parse_args(argv)
+    bad_steps = [s for s in args.steps if not 2 <= s <= args.T]
+    if bad_steps:
+        cli.fail(parser.prog, f"--steps {','.join(map(str, bad_steps))}: a sampler takes between 2 and --T {args.T} "
+                              f"steps")
+    cli.output_file(parser.prog, args.json, "--json", args.force, (".json",))
+    cli.output_file(parser.prog, args.png, "--png", args.force, (".png",))
     cli.set_threads(args.threads)
-    t0 = time.time()
+    t0, specs = time.time(), model_specs(args, extra)
     per_seed, infos, first = [], [], None
     for seed in range(args.seed, args.seed + args.seeds):
-        rows, info = run(args, seed)
+        rows, info = run(args, seed, specs)
         first = first or rows
         per_seed.append([{k: v for k, v in r.items() if k != "_x"} for r in rows])
         infos.append(info)

@@ -6,7 +6,7 @@ level, attention at 16x16 and in the middle, dropout 0.1): 35,746,307 parameters
 UNetConfig(smd=True) adds an smd.SoftMixture: the pooled encoder bottleneck feeds g_xi, and
 f_phi's (scale, shift) modulate the GroupNorm before the second conv of every middle and
 decoder ResBlock (Eq. 11: theta_hat = theta u f_phi(z_t, t)). Where to look: ResBlock.forward
-(modulate) and UNet.forward (the soft mixture is called once per forward pass).
+(modulate) and UNet.trunk (the soft mixture is called once per forward pass).
 
     python unet.py              # parameter counts of the CIFAR-10 models, and the matched control
 """
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from smd import SoftMixture, modulate, timestep_embedding
 
-DEFAULT_CH_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
+DEFAULT_CH_MULT = {8: (1, 2), 16: (1, 2, 2), 32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4),
+                   256: (1, 1, 2, 2, 4, 4)}
 
 
 @dataclass
@@ -50,25 +51,25 @@ class UNetConfig:
                              f"(ch_mult={self.ch_mult})")
 
 
-def norm(ch):
-    """GroupNorm with DDPM's (TensorFlow's) epsilon; 32 groups, fewer when ch is no multiple of 32
-    (UNetConfig.norm_groups changes the 32). At small widths the count swings with ch: 32 channels
-    make 32 groups of one (each channel normalised on its own over the image), 30 make 2 of 15."""
-    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
+def norm(ch, groups=32):
+    """GroupNorm with DDPM's (TensorFlow's) epsilon and gcd(groups, ch) groups: DDPM's 32, fewer
+    when ch is no multiple of 32 (UNetConfig.norm_groups). At small widths the count swings with
+    ch: 32 channels make 32 groups of one (each channel normalised on its own), 30 make 2 of 15."""
+    return nn.GroupNorm(math.gcd(groups, ch), ch, eps=1e-6)
 
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, + time embedding, GroupNorm (modulated by SMD) -SiLU-dropout-conv,
     residual; optionally followed by single-head self-attention."""
 
-    def __init__(self, c_in, c_out, temb_dim, dropout, attn=False):
+    def __init__(self, c_in, c_out, temb_dim, dropout, attn=False, groups=32):
         super().__init__()
-        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, c_out)
-        self.norm2, self.dropout = norm(c_out), nn.Dropout(dropout)
+        self.norm2, self.dropout = norm(c_out, groups), nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        self.attn = Attention(c_out) if attn else None
+        self.attn = Attention(c_out, groups) if attn else None
         nn.init.zeros_(self.conv2.weight)   # DDPM: init_scale=0 on the last conv of a block
 
     def forward(self, x, temb, mod=None):
@@ -80,9 +81,9 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, ch):
+    def __init__(self, ch, groups=32):
         super().__init__()
-        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        self.norm, self.qkv, self.proj = norm(ch, groups), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x):
@@ -112,6 +113,8 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
+    config_class = UNetConfig   # what checkpoint.py builds a saved network from
+
     def __init__(self, config=None):
         super().__init__()
         self.config = c = config or UNetConfig()
@@ -122,31 +125,28 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(c.channels, c.ch, 3, padding=1)
 
         # encoder: remember each output's channels for the skip connections
+        block = lambda c_in, c_out, attn=False: ResBlock(c_in, c_out, temb_dim, c.dropout, attn, c.norm_groups)
         self.down, skips, ch, res = nn.ModuleList(), [c.ch], c.ch, c.image_size
         for level, mult in enumerate(c.ch_mult):
             for _ in range(c.num_res_blocks):
-                self.down.append(ResBlock(ch, c.ch * mult, temb_dim, c.dropout, attn=res in c.attn_res))
+                self.down.append(block(ch, c.ch * mult, attn=res in c.attn_res))
                 ch = c.ch * mult
                 skips.append(ch)
             if level != len(c.ch_mult) - 1:
                 self.down.append(Downsample(ch))
                 skips.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, temb_dim, c.dropout, attn=True),
-                                  ResBlock(ch, ch, temb_dim, c.dropout)])
+        self.mid = nn.ModuleList([block(ch, ch, attn=True), block(ch, ch)])
         # decoder: num_res_blocks + 1 ResBlocks per level, each eating one skip
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.ch_mult))):
             for _ in range(c.num_res_blocks + 1):
-                self.up.append(ResBlock(ch + skips.pop(), c.ch * mult, temb_dim, c.dropout, attn=res in c.attn_res))
+                self.up.append(block(ch + skips.pop(), c.ch * mult, attn=res in c.attn_res))
                 ch = c.ch * mult
             if level != 0:
                 self.up.append(Upsample(ch))
                 res *= 2
         self.out = self.output_layer(ch)
-        for m in self.modules():   # gcd(norm_groups, channels) groups in every GroupNorm
-            if isinstance(m, nn.GroupNorm):
-                m.num_groups = math.gcd(c.norm_groups, m.num_channels)
 
         # SMD: f_phi modulates the middle and decoder ResBlocks; `modulated` indexes them in mid + up
         layers = [*self.mid, *self.up]
@@ -159,7 +159,7 @@ class UNet(nn.Module):
 
     def output_layer(self, ch):
         """GroupNorm-SiLU-conv to the image's channels; DDPM starts the last conv at zero."""
-        out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, self.channels, 3, padding=1))
+        out = nn.Sequential(norm(ch, self.config.norm_groups), nn.SiLU(), nn.Conv2d(ch, self.channels, 3, padding=1))
         nn.init.zeros_(out[-1].weight)
         return out
 

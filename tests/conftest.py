@@ -55,15 +55,16 @@ def tiny_config(**kw):
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory):
     """{'ddpm': path, 'smd': path, 'categorical': path} to checkpoints of tiny models trained 3 steps
-    on fake CIFAR-10 by `python train.py` (the categorical one: K = 3, learned variances, annealed
-    responsibilities, on a 10-step chain)."""
+    on fake CIFAR-10 by `python train.py` (the categorical one by `python -m beyond.train`: K = 3,
+    learned variances, annealed responsibilities, on a 10-step chain)."""
     root = tmp_path_factory.mktemp("ckpts")
     write_cifar10(root / "data")
     paths = {}
-    flags = {"ddpm": [], "smd": ["--smd"], "categorical": ["--categorical", "3", "--learned-var", "--T", "10", "--anneal", "1e4"]}
-    for kind, extra in flags.items():
+    runs = {"ddpm": (["train.py"], []), "smd": (["train.py"], ["--smd"]),
+            "categorical": (["-m", "beyond.train"], ["--components", "3", "--learned-var", "--T", "10", "--anneal", "1e4"])}
+    for kind, (script, extra) in runs.items():
         out = root / kind
-        cmd = [sys.executable, "train.py", "--dataset", "cifar10", "--data-dir", str(root / "data"),
+        cmd = [sys.executable, *script, "--dataset", "cifar10", "--data-dir", str(root / "data"),
                "--out-dir", str(out), "--max-steps", "3", "--device", "cpu", *TINY, *extra]
         p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr

@@ -115,9 +115,17 @@ def test_bad_image_size_refused(tmp_path, image_size):
         batches(tmp_path / "imgs", image_size=image_size)
 
 
-def test_named_dataset_takes_only_32(cifar_dir):
-    with pytest.raises(ValueError, match="cifar10 is 32x32 .*drop --image-size 64"):
+def test_named_dataset_takes_32_or_its_average_pools(cifar_dir):
+    """A named dataset is 32x32, or those images average-pooled in 2x2 (16) or 4x4 (8) blocks."""
+    with pytest.raises(ValueError, match=r"cifar10 comes at --image-size 32 \| 16 \| 8 .*not 64"):
         data.make_batches("cifar10", cifar_dir, 4, 64)
+    full = data.load_images("cifar10", cifar_dir)
+    half = data.load_images("cifar10", cifar_dir, size=16)
+    block = full[:, :, :2, :2].reshape(len(full), 3, 4).astype(np.float64).mean(-1)   # the top-left 2x2 block
+    assert half.shape == (len(full), 3, 16, 16) and half.dtype == np.uint8
+    assert np.array_equal(half[:, :, 0, 0], np.round(block).astype(np.uint8))   # exact: a mean of 4 bytes
+    x, channels, size = data.make_batches("cifar10", cifar_dir, 4, 8, flip=False)
+    assert (channels, size) == (3, 8) and next(x).shape == (4, 3, 8, 8)
 
 
 def test_empty_folder_refused(tmp_path):

@@ -267,7 +267,7 @@ REFUSALS = {  # case: (argv, {t} standing for bad_dir's folder; what the one lin
     "--device gpu": (["{t}/two.npz", "{t}/two.npz", "--device", "gpu"], "'gpu' is not a device"),
     "--weights missing": (["{t}/two.npz", "{t}/two.npz", "--weights", "{t}/w.pth"],
                           "w.pth: no such file; download https://.*pt_inception-2015-12-05"),
-    "--save-stats exists": (["{t}/two.npz", "{t}/two.npz", "--save-stats"], "exists and will not be overwritten"),
+    "--save-stats exists": (["{t}/two.npz", "{t}/two.npz", "--save-stats"], "two.npz exists: pass --force to replace it"),
     "--save-stats not .npz": (["{t}/two.npz", "{t}/s.txt", "--save-stats"], "must end in .npz"),
     "--save-stats no folder": (["{t}/two.npz", "{t}/no/s.npz", "--save-stats"], "the folder .* does not exist"),
     "three inputs": (["{t}/two.npz"] * 3, "unrecognized arguments"),

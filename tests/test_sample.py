@@ -36,12 +36,14 @@ def test_cli_writes_grid_and_npz(tiny_ckpts, tmp_path, capsys):
     images = sample.main(["--ckpt", tiny_ckpts["smd"], "--steps", "3", "--n", "5", "--batch-size", "4",
                           "--grid", grid, "--npz", npz, "--eta-sensitivity", "8"])
     out = capsys.readouterr().out
-    assert "img/s" in out and "ETA" in out
+    assert "img/s" in out and "ETA" in out and f"wrote {npz}" in out and f"wrote {grid}" in out
     assert re.search(r"eta-sensitivity \d\.\d{4} .*8 cifar10 images\); per t: 0: \d\.\d{3}, 11: ", out)
     assert np.array_equal(np.load(npz)["images"], images) and images.shape == (5, 32, 32, 3)
     assert Image.open(grid).size == (3 * 32, 2 * 32)   # 5 images in a 3-column grid
-    again = sample.main(["--ckpt", tiny_ckpts["ddpm"], "--steps", "3", "--n", "2", "--grid", grid, "--no-ema"])
+    again = sample.main(["--ckpt", tiny_ckpts["ddpm"], "--steps", "3", "--n", "2", "--grid", grid, "--no-ema",
+                         "--force"])
     assert again.shape == (2, 32, 32, 3) and "eta-sensitivity" not in capsys.readouterr().out
+    assert Image.open(grid).size == (2 * 32, 32)   # replaced, as --force asked
 
 
 def refusal(capsys, argv):
@@ -59,19 +61,22 @@ def test_clear_errors(tiny_ckpts, tmp_path, capsys):
         err = refusal(capsys, ["--ckpt", str(path), "--steps", "3", "--n", "1", "--grid", str(tmp_path / "g.png"),
                                *extra])
         assert re.search(says, err), err
-    fails(tmp_path / "missing.pt", "no checkpoint at")
+    fails(tmp_path / "missing.pt", "no checkpoint at .*train one first \\(python train.py .*or pass --ckpt PATH")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(open(tiny_ckpts["ddpm"], "rb").read()[:5000])
-    fails(truncated, "is corrupt or truncated")
+    fails(truncated, "a torch zip, truncated or corrupt\\): delete it, or restore it")
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
-    fails(tmp_path / "random.pt", "is corrupt or truncated")
+    fails(tmp_path / "random.pt", "not a torch zip at all\\): pass the ckpt.pt train.py wrote")
+    Image.new("RGB", (8, 8)).save(tmp_path / "some.png")   # a picture is not to be deleted
+    err = refusal(capsys, ["--ckpt", str(tmp_path / "some.png"), "--grid", str(tmp_path / "g.png")])
+    assert "not a torch zip" in err and "delete" not in err, err
     assert "weights_only" not in refusal(capsys, ["--ckpt", str(tmp_path / "random.pt"), "--grid", str(tmp_path / "g.png")])
     torch.save({"model": {}, "model_args": {"n_layer": 12}}, tmp_path / "gpt.pt")   # another project's ckpt
     fails(tmp_path / "gpt.pt", "not a train.py checkpoint")
     ckpt = torch.load(tiny_ckpts["ddpm"], weights_only=True)
     ckpt["model_config"]["ch"] = 64
     torch.save(ckpt, tmp_path / "other.pt")
-    fails(tmp_path / "other.pt", "do not fit the U-Net")
+    fails(tmp_path / "other.pt", "do not fit the network")
     fails(tiny_ckpts["ddpm"], r"--steps 200: this checkpoint's chain has only T=100", "--steps", "200")
     for flags, says in [(["--n", "0"], "--n: 0 is out of range"), (["--batch-size", "0"], "--batch-size: 0"),
                         (["--steps", "1"], "--steps: 1 is out of range"), (["--ddim-eta", "-1"], "--ddim-eta: -1"),
@@ -109,7 +114,7 @@ def test_held_eta_makes_smd_ddim_deterministic(tiny_ckpts, tmp_path):
     assert np.array_equal(draw("zero"), draw("zero")) and np.array_equal(draw("fixed"), draw("fixed"))
     assert not np.array_equal(draw("fresh"), draw("zero"))   # same x_T (seed 0): eta is the difference
     argv = ["--ckpt", str(tmp_path / "smd.pt"), "--sampler", "ddim", "--steps", "5", "--n", "4", "--grid",
-            str(tmp_path / "g.png"), "--eta-sensitivity", "0"]
+            str(tmp_path / "g.png"), "--eta-sensitivity", "0", "--force"]
     assert np.array_equal(sample.main([*argv, "--eta", "zero"]), draw("zero"))
     assert np.array_equal(sample.main([*argv, "--eta", "fixed"]), draw("fixed"))
     clipped = sample.main([*argv, "--eta", "fixed", "--clip-x0"])
@@ -129,22 +134,85 @@ def test_sample_from_published_weights(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(SystemExit):
-        sample.main(["--ckpt", pretrained.DEFAULT_MODEL, "--n", "1", "--grid", str(tmp_path / "g.png")])
+        sample.main(["--ckpt", pretrained.DEFAULT_MODEL, "--n", "1", "--grid", str(tmp_path / "g2.png")])
     assert re.search(r"(?s)could not download google/ddpm-cifar10-32.*"
                      r"https://huggingface.co/google/ddpm-cifar10-32/resolve/main/config.json"
                      r".*hub/checkpoints/google--ddpm-cifar10-32/diffusion_pytorch_model.bin", capsys.readouterr().err)
 
 
-def test_categorical_checkpoint_samples(tiny_ckpts, tmp_path, capsys):
-    """train.py --categorical 3 --learned-var --T 10 writes a checkpoint that rebuilds the categorical
-    U-Net, samples deterministically per seed with both samplers, and reports no eta-sensitivity."""
-    model, diffusion, config = load_checkpoint(tiny_ckpts["categorical"])
-    assert model.components == 3 and model.config.learned_var and diffusion.T == 10
-    for sampler in ("ddpm", "ddim"):
-        gen = lambda seed: sample.generate(model, diffusion, 3, steps=5, update=sample.step_update(sampler), seed=seed,
-                                           progress=False)
-        a, b = gen(0), gen(0)
-        assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
-    sample.main(["--ckpt", tiny_ckpts["categorical"], "--n", "2", "--grid", str(tmp_path / "g.png"),
-                 "--eta-sensitivity", "4"])
-    assert "eta-sensitivity" not in capsys.readouterr().out
+# ----------------------------------------------------------------------------- outputs: checked first, never lost
+
+
+@pytest.mark.parametrize("name, says", [
+    ("samples", "--grid .*samples: the format comes from the extension; end the name in .png or .jpg or .jpeg"),
+    ("g.txt", "--grid .*g.txt: the format comes from the extension"),
+    ("keep.png", "--grid .*keep.png exists: pass --force to replace it, or choose another name"),
+])
+def test_grid_refused_before_sampling(tiny_ckpts, tmp_path, capsys, monkeypatch, name, says):
+    """A grid path whose format or existence would fail after the sampling fails before it, and
+    the file that exists (here a text file named keep.png) is untouched."""
+    (tmp_path / "keep.png").write_text("my notes")
+    monkeypatch.setattr(sample, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before checking --grid"))
+    err = refusal(capsys, ["--ckpt", tiny_ckpts["ddpm"], "--grid", str(tmp_path / name)])
+    assert re.search(says, err), err
+    assert (tmp_path / "keep.png").read_text() == "my notes"
+
+
+def test_npz_refused_before_sampling_unless_forced(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    np.savez(tmp_path / "s.npz", images=np.zeros((1, 2, 2, 3), np.uint8))
+    monkeypatch.setattr(sample, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before checking --npz"))
+    err = refusal(capsys, ["--ckpt", tiny_ckpts["ddpm"], "--npz", str(tmp_path / "s.npz")])
+    assert "s.npz exists: pass --force" in err
+    err = refusal(capsys, ["--ckpt", tiny_ckpts["ddpm"], "--npz", str(tmp_path / "s.png")])
+    assert "end the name in .npz" in err
+
+
+def test_unwritable_folder_is_found_by_writing_not_by_os_access(tiny_ckpts, capsys, monkeypatch):
+    """/proc passes os.access for root, but no file can be made there."""
+    monkeypatch.setattr(sample, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before checking --grid"))
+    err = refusal(capsys, ["--ckpt", tiny_ckpts["ddpm"], "--grid", "/proc/g.png"])
+    assert re.search(r"--grid /proc/g.png: cannot write in /proc \(.+\); choose another path", err), err
+
+
+def test_a_failed_grid_keeps_the_npz(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    """The .npz is written first; a grid that fails after the sampling is reported in one line,
+    exit status 1, and the .npz is there."""
+    def full_disk(images, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sample, "save_grid", full_disk)
+    npz = tmp_path / "s.npz"
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", tiny_ckpts["ddpm"], "--steps", "3", "--n", "2", "--npz", str(npz),
+                     "--grid", str(tmp_path / "g.png")])
+    out, err = capsys.readouterr()
+    assert e.value.code == 1 and np.load(npz)["images"].shape == (2, 32, 32, 3) and f"wrote {npz}" in out
+    assert "could not write" in err and "No space left on device" in err and not (tmp_path / "g.png").exists()
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_file(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "generate", interrupted)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", tiny_ckpts["ddpm"], "--n", "2", "--npz", str(tmp_path / "s.npz")])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.strip().startswith("sample.py: interrupted") and err.strip().count("\n") == 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_progress_inside_the_chain_and_no_ddpm_variance_for_ddim(tiny_ckpts, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(sample.Progress, "EVERY", -1.0)   # a line at every step
+    sample.main(["--ckpt", tiny_ckpts["ddpm"], "--steps", "3", "--n", "2", "--sampler", "ddim",
+                 "--grid", str(tmp_path / "g.png")])
+    out = capsys.readouterr().out
+    assert re.search(r"images 0-2/2: step 2/3 \| .* img/s \| ETA ", out), out
+    assert "sigma^2" not in out.splitlines()[0] and "DDIM" in out.splitlines()[0]
+
+
+def test_a_padded_last_batch_keeps_the_count_and_the_full_batches(tiny_ckpts):
+    """pad=True (sample.py with --compile) runs the last batch at full size: 5 images still,
+    and the first, full batch is the unpadded run's."""
+    model, diffusion, _ = load_checkpoint(tiny_ckpts["ddpm"])
+    plain = sample.generate(model, diffusion, 5, batch_size=4, steps=3, progress=False)
+    padded = sample.generate(model, diffusion, 5, batch_size=4, steps=3, progress=False, pad=True)
+    assert padded.shape == (5, 32, 32, 3) and np.array_equal(plain[:4], padded[:4])

@@ -1,6 +1,6 @@
-"""toy.py: the exact references against the data, the metrics, the importance-weighted and
-categorical objectives, refusals before training, and a tiny end-to-end run (CPU, well under a
-minute). The closed forms themselves are tested in test_gmm.py."""
+"""toy.py: the exact references against the data, the metrics, parameter matching, refusals
+before training, and a tiny end-to-end run (CPU, well under a minute). The closed forms
+themselves are tested in test_gmm.py; the models beyond the paper in tests/beyond/test_toy.py."""
 
 import json
 import math
@@ -49,28 +49,6 @@ def test_metrics_score_true_samples_well_and_corrupted_ones_badly():
     assert collapsed["spread"] < 1e-3 and collapsed["nll"] < ENTROPY   # why NLL alone is not enough
 
 
-def test_iwae_loss_is_the_paper_loss_when_the_latent_is_unused_and_tighter_otherwise():
-    d = smd.Diffusion(1000)
-    model = toy.Denoiser(32, 2, latent_dim=4)            # f_phi is zero-initialised: eta is ignored
-    x0 = toy.DATA.sample(256).float()
-    torch.manual_seed(0)
-    jensen = d.loss(model, x0)
-    torch.manual_seed(0)                                 # same t and eps: same x_t
-    iwae = toy.iwae_loss(model, d, x0, eta_samples=4)
-    assert iwae.item() == pytest.approx(jensen.item(), rel=1e-4)
-
-    class Spread(torch.nn.Module):                       # predictions that differ across eta
-        latent_dim = 2
-
-        def forward(self, x, t, eta):
-            return x + eta
-    torch.manual_seed(0)
-    iwae = toy.iwae_loss(Spread(), d, x0, eta_samples=4)
-    torch.manual_seed(0)
-    jensen = d.loss(Spread(), x0, eta_samples=4)         # the same eta draws: the K=4 Jensen bound
-    assert iwae.item() < jensen.item()
-
-
 def test_param_matching_and_eta_zero():
     m = toy.Denoiser(64, 3, latent_dim=8)
     w = matched_width(n_params(m), lambda w: toy.Denoiser(w, 3))
@@ -81,27 +59,29 @@ def test_param_matching_and_eta_zero():
 
 def test_tiny_end_to_end(tmp_path, capsys):
     out, png = tmp_path / "toy.json", tmp_path / "toy.png"
-    toy.main(["--T", "10", "--steps", "10,5", "--iters", "20", "--n", "500", "--width", "32",
-              "--smd-objective", "jensen,iwae,categorical,categorical-var", "--eta-samples", "2",
-              "--components", "4", "--json", str(out), "--png", str(png)])
+    toy.main(["--T", "10", "--steps", "10,5", "--max-steps", "20", "--n", "500", "--ch", "32",
+              "--json", str(out), "--png", str(png)])
     res = json.loads(out.read_text())
     names = {(r["model"], r["var"], r["steps"]) for r in res["rows"]}
-    for name in ("exact mixture", "best Gaussian", "vanilla", "SMD-jensen", "SMD-iwae", "SMD-iwae eta=0",
-                 "categorical K=4", "categorical K=4, learned var"):
+    for name in ("exact mixture", "best Gaussian", "vanilla", "SMD", "SMD eta=0"):
         assert any(n[0] == name and n[2] == 5 for n in names), name
     params = {k: v["params"] for k, v in res["models"][0].items()}
-    for name in ("SMD-jensen", "categorical K=4", "categorical K=4, learned var"):   # matched within 10%
-        assert abs(params[name] / params["vanilla"] - 1) < 0.1, params
-    assert png.stat().st_size > 1000
-    assert "SMD-iwae" in capsys.readouterr().out
+    assert abs(params["SMD"] / params["vanilla"] - 1) < 0.1, params   # matched within 10%
+    assert png.stat().st_size > 1000 and "step 18/20" in capsys.readouterr().out   # progress of training
+    with pytest.raises(SystemExit):   # no silent overwrite
+        toy.main(["--T", "10", "--steps", "10", "--max-steps", "2", "--n", "50", "--png", str(png)])
+    assert "toy.png exists: pass --force" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--T", "10", "--steps", "20"], "--steps 20: a chain of --T 10 has at most 10 steps"),
+    (["--T", "10", "--steps", "20"], "--steps 20: a sampler takes between 2 and --T 10 steps"),
+    (["--T", "5", "--steps", "1"], "--steps 1: a sampler takes between 2 and --T 5 steps"),
     (["--var", "medium"], "--var: 'medium'"), (["--batch-size", "0"], "--batch-size: 0"), (["--n", "0"], "--n: 0"),
-    (["--smd-objective", "mixture"], "--smd-objective: 'mixture'"), (["--anneal", "0.5"], "--anneal: 0.5"),
+    (["--models", "iwae"], "--models: 'iwae'"),   # beyond the paper: python -m beyond.toy
     (["--json", "/nonexistent/dir/r.json"], "--json /nonexistent/dir/r.json: the folder"),
     (["--png", "/nonexistent/t.png"], "--png /nonexistent/t.png: the folder"),
+    (["--png", "/proc/t.png"], "--png /proc/t.png: cannot write in /proc"),
+    (["--png", "t.jpg"], "--png t.jpg: the format comes from the extension"),
 ])
 def test_bad_flags_refused_before_training(argv, says, capsys, monkeypatch):
     monkeypatch.setattr(toy, "run", lambda *a: pytest.fail("trained before checking its flags"))

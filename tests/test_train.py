@@ -65,7 +65,9 @@ def test_cifar10_files(tmp_path, offline):
     r = run(tmp_path / "out", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--max-steps", "2")
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == r["step"] == 2 and ckpt["model_config"]["channels"] == 3 and ckpt["config"]["flip"]
-    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "model_config", "rng"}
+    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "model_config", "rng", "model_class",
+                         "diffusion_class"}
+    assert (ckpt["model_class"], ckpt["diffusion_class"]) == ("unet.UNet", "smd.Diffusion")   # what load_checkpoint builds
     assert "ch" not in ckpt["config"] and ckpt["model_config"]["ch"] == 32   # one home for the network's shape
 
 
@@ -174,12 +176,12 @@ def test_resume_refuses_contradictions(tmp_path, cifar_dir, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path / "elsewhere", *data, "--resume")
     assert "no checkpoint at" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run(tmp_path / "vanilla", *data, "--max-steps", "1", "--anneal", "1e3")
-    assert "--anneal 1000.0: applies to a categorical model: add --categorical K" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run(tmp_path / "cold", *data, "--max-steps", "1", "--categorical", "2", "--anneal", "0.5")
-    assert "0.5 is out of range: give a starting temperature >= 1" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)   # a checkpoint of another model
+    (tmp_path / "other").mkdir()
+    torch.save({**ckpt, "model_class": "beyond.categorical.CategoricalUNet"}, tmp_path / "other" / "ckpt.pt")
+    assert re.search(r"holds a beyond.categorical.CategoricalUNet, this script trains a unet.UNet: resume it with the "
+                     r"command that started it", refusal(capsys, ["--out-dir", str(tmp_path / "other"), "--resume",
+                                                                  "--max-steps", "4"], tiny=False))
     r = train.main(["--out-dir", str(tmp_path / "out"), "--resume", "--max-steps", "3"])   # the rest from ckpt
     assert r["step"] == 3 and r["model_config"].ch == 32 and r["config"]["data_dir"] == cifar_dir
 
@@ -193,8 +195,9 @@ def test_init_from_ddpm_weights_starts_smd_exactly_at_ddpm(tmp_path, cifar_dir, 
     folder = save_hub_files(str(tmp_path / "ddpm"), theirs, small)
     common = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--init", folder, "--batch-size", "4",
               "--sample-every", "0", "--log-every", "1"]
-    assert re.search("fix the network and the chain .*drop --ch", refusal(capsys, [*common, "--out-dir", str(tmp_path / "x"), "--ch", "64"], tiny=False))
+    assert re.search("fix the network and the chain .*: drop --ch", refusal(capsys, [*common, "--out-dir", str(tmp_path / "x"), "--ch", "64"], tiny=False))
     assert re.search("drop --T", refusal(capsys, [*common, "--out-dir", str(tmp_path / "x"), "--T", "100"], tiny=False))
+    assert not (tmp_path / "x").exists()   # refused before the run folder was made
     r = train.main([*common, "--out-dir", str(tmp_path / "out"), "--smd", "--latent-dim", "8", "--lr", "0",
                     "--max-steps", "1"])   # lr 0: the weights stay those of the start
     assert f"initialised from diffusers UNet2DModel {folder}" in capsys.readouterr().out
@@ -254,36 +257,75 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, cifar_dir):
     assert 2 <= ckpt["step"] < 100000
 
 
-def test_ddp_gloo_ranks_stay_identical(tmp_path, cifar_dir):
-    (tmp_path / "dump").mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           "--dump", str(tmp_path / "dump"), "--dataset", "cifar10", "--data-dir", cifar_dir,
-           "--out-dir", str(tmp_path / "out"), *TINY, "--smd", "--max-steps", "3", "--device", "cpu"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+def torchrun(tmp_path, out, dump, *argv):
+    """A 2-rank CPU (gloo) train.py run through torchrun, each rank dumping its weights into dump/."""
+    (tmp_path / dump).mkdir(exist_ok=True)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+            "--dump", str(tmp_path / dump), "--out-dir", str(tmp_path / out), *TINY, "--smd", "--device", "cpu", *argv]
+
+
+def rank_pids(parent):
+    """{RANK: pid} of the workers torchrun started (read from /proc)."""
+    pids = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        rank = next((e[5:].decode() for e in env if e.startswith(b"RANK=")), None)
+        if ppid == parent and rank is not None:
+            pids[int(rank)] = int(pid)
+    return pids
+
+
+def test_ddp_gloo_sigterm_to_one_rank_then_resume_is_exact(tmp_path, cifar_dir):
+    """Two ranks (torchrun, gloo) stay identical; SIGTERM to rank 1 alone stops both after the
+    same step, with one checkpoint holding both ranks' RNG states and one log, and the resumed
+    run ends bit for bit where the uninterrupted one does."""
+    data = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--max-steps", "24", "--ckpt-every", "1000"]
+    p = subprocess.run(torchrun(tmp_path, "a", "dump_a", *data), capture_output=True, text=True, env=ENV, cwd=ROOT,
+                       timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.count("step 3/3") == 1   # only rank 0 logs
-    r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for key in ("model", "ema"):
-        assert all(torch.equal(r0[key][k], r1[key][k]) for k in r0[key]), key
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2 and all(torch.equal(ckpt["model"][k], r0["model"][k])
-                                                               for k in r0["model"])
+    assert p.stdout.count("step 24/24") == 1   # only rank 0 logs
+    first = subprocess.Popen(torchrun(tmp_path, "b", "dump_b", *data), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    for line in first.stdout:
+        if line.startswith("step 2/"):
+            os.kill(rank_pids(first.pid)[1], signal.SIGTERM)
+            break
+    out = line + first.communicate(timeout=300)[0]
+    assert first.returncode == 0 and "stopped by SIGTERM" in out, out
+    ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert 2 <= ckpt["step"] < 24 and len(ckpt["rng"]) == 2, ckpt["step"]
+    assert sorted(os.listdir(tmp_path / "b")) == [".lock", "ckpt.pt", "log.txt"]   # one checkpoint, one log
+    p = subprocess.run(torchrun(tmp_path, "b", "dump_b", *data, "--resume"), capture_output=True, text=True, env=ENV,
+                       cwd=ROOT, timeout=300)
+    assert p.returncode == 0 and f"resumed at step {ckpt['step']}" in p.stdout, p.stdout + p.stderr
+    log = (tmp_path / "b" / "log.txt").read_text()
+    assert log.count("==== ") == 2 and log.count("step 2/24") == 1 and "finished at step 24" in log
+    dumps = [torch.load(tmp_path / d / f"rank{r}.pt", weights_only=True) for d in ("dump_a", "dump_b") for r in (0, 1)]
+    for key in ("model", "ema"):   # both ranks of both runs: one set of weights
+        assert all(torch.equal(dumps[0][key][k], d[key][k]) for d in dumps[1:] for k in dumps[0][key]), key
 
 
 @pytest.mark.parametrize("argv, says", [
     (["--batch-size", "-4"], "--batch-size: -4 is out of range"), (["--batch-size", "0"], "--batch-size: 0 is out"),
     (["--ckpt-every", "0"], "--ckpt-every: 0"), (["--log-every", "0"], "--log-every: 0"),
     (["--sample-n", "0"], "--sample-n: 0"), (["--T", "1"], "--T: 1 is out of range"), (["--lr", "-1"], "--lr: -1 is out of range"),
-    (["--categorical", "-2"], "--categorical: -2"), (["--dropout", "1.5"], "--dropout: 1.5"), (["--ch", "0"], "--ch: 0"),
+    (["--dropout", "1.5"], "--dropout: 1.5"), (["--ch", "0"], "--ch: 0"),
     (["--ema-decay", "-1"], "--ema-decay: -1"), (["--eta-samples", "0"], "--eta-samples: 0"),
     (["--max-steps", "0"], "--max-steps: 0"), (["--lr", "nan"], "--lr: nan"), (["--batch-size", "x"], "not an integer"),
     (["--attn-res", "7"], "--attn-res [7]: the U-Net's resolutions are [32, 16]"),
     (["--sample-every", "5", "--sample-steps", "1"], "--sample-steps: 1 is out of range"),
     (["--sample-every", "5", "--sample-steps", "200"], "--sample-steps 200: the chain has only --T 100"),
-    (["--image-size", "64"], "--image-size 64: cifar10 is 32x32"),
+    (["--image-size", "64"], "--image-size 64: cifar10 is 32x32 (28x28 is padded), or average-pooled to 16 or 8"),
     (["--ch-mult", "1,2,2,2,2,2,2"], "--ch-mult [1, 2, 2, 2, 2, 2, 2]: image_size=32 is not divisible"),
-    (["--smd", "--categorical", "3"], "two different models"), (["--learned-var"], "add --categorical K"),
+    (["--categorical", "3"], "unrecognized arguments: --categorical 3"),   # beyond the paper: python -m beyond.train
     (["--eta-samples", "4"], "add --smd"), (["--dataset", "nowhere"], "neither cifar10"),
+    (["--out-dir", "/proc/out"], "--out-dir /proc/out: cannot write in /proc"),   # found by writing, not os.access
+    (["--out-dir", __file__], "is a file, not a folder"),
 ])
 def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, says):
     err = refusal(capsys, ["--out-dir", str(tmp_path / "out"), *argv])
@@ -293,7 +335,8 @@ def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, says):
 
 def test_a_short_chain_needs_no_sampling_flags():
     """--T 5 alone passes every check: the in-run grids sample min(100, T) steps."""
-    train.check_args(train.get_parser().parse_args(["--T", "5", "--categorical", "10", "--anneal", "1e6"]))
+    parser = train.get_parser()
+    train.check_args(parser.parse_args(["--T", "5"]), parser, train.UNet)
 
 
 def test_resume_checks_stored_flags_and_finished_runs(tmp_path, cifar_dir, capsys):

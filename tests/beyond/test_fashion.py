@@ -1,4 +1,4 @@
-"""fashion.py and fashion_classifier.py: the classifier's scores on constructed predictions, parameter matching and
+"""beyond/fashion.py and beyond/classifier.py: the classifier's scores on constructed predictions, parameter matching and
 GroupNorm grouping, refusals, and a tiny end-to-end run on Debian's Fashion-MNIST with the real
 FID Inception, its figure redrawn from its JSON (CPU, ~70 s)."""
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import fashion
-import fashion_classifier
 import inception
-from categorical import CategoricalDiffusion
+from beyond import classifier as fashion_classifier
+from beyond import fashion
+from beyond.categorical import CategoricalDiffusion
 from unet import UNet, n_params
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -83,8 +83,8 @@ def test_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     calls, split, save_json = [], CategoricalDiffusion.split_blends, fashion.data.save_json
     monkeypatch.setattr(CategoricalDiffusion, "split_blends", lambda *a: calls.append(a[2].shape) or split(*a))
-    argv = ["--T", "2,3", "--iters", "2", "--batch-size", "4", "--n", "2", "--fid-ref-n", "2",
-            "--classifier-iters", "20", "--width", "8", "--latent-dim", "4", "--components", "2", "--split",
+    argv = ["--T", "2,3", "--max-steps", "2", "--batch-size", "4", "--n", "2", "--fid-ref-n", "2",
+            "--classifier-steps", "20", "--ch", "8", "--latent-dim", "4", "--components", "2", "--split",
             "--threads", "1", "--out-dir", str(out)]
     saved = []   # the JSON is rewritten after every model: an interrupted run keeps what it finished
     keys = lambda obj: [(r["model"], r["T"]) for r in obj["rows"]]
@@ -99,7 +99,7 @@ def test_tiny_end_to_end(tmp_path, monkeypatch, capsys):
         assert 0 <= r["confident"] <= 1 and 0 <= r["coverage"] <= 10 and 0 <= r["tv"] <= 1, r
         assert math.isfinite(r["fd_clf"]) and r["fd_clf"] >= -1e-6, r
         assert not fid_on or (math.isfinite(r["fid"]) and r["fid"] >= 0), r
-    assert 0 <= res["classifier"]["test_accuracy"] <= 1 and res["classifier"]["iters"] == 20
+    assert 0 <= res["classifier"]["test_accuracy"] <= 1 and res["classifier"]["steps"] == 20
     assert res["models"]["SMD T=2"]["eta_sens"] is not None and res["models"]["vanilla T=3"]["eta_sens"] is None
     assert (out / "fashion.png").stat().st_size > 1000
     assert not fid_on or len(list(out.glob("fid_ref_test_16px_n2_*.npz"))) == 1   # the cached reference
@@ -113,7 +113,7 @@ def test_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     fashion.main(["--figure-from", res, "--out-dir", str(out), "--png", str(out / "b.png")])
     assert Image.open(out / "b.png").tobytes() == Image.open(out / "fashion.png").tobytes()
     with pytest.raises(SystemExit) as e:
-        fashion.main(["--figure-from", res, res, "--out-dir", str(out)])
+        fashion.main(["--figure-from", res, res, "--out-dir", str(out), "--png", str(out / "c.png")])
     assert e.value.code == 2 and "vanilla at T=2 is in" in capsys.readouterr().err
 
 
@@ -130,4 +130,31 @@ def test_bad_flags_refused_before_any_work(argv, says, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         fashion.main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("fashion.py: ") and err.count("\n") == 1 and says in err, err
+    assert e.value.code == 2 and err.startswith("python -m beyond.fashion: ") and err.count("\n") == 1 and says in err, err
+
+
+def test_scorer_reads_samples_pooling_32_to_16(tmp_path):
+    """python -m beyond.classifier's input: 32x32 samples average-pooled to 16x16 as load_split
+    does; other shapes refused before any training."""
+    x = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1), dtype=np.uint8)
+    np.savez(tmp_path / "s32.npz", images=x)
+    np.savez(tmp_path / "s16.npz", images=x[:, ::2, ::2])
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((5, 16, 16, 3), np.uint8))
+    pooled = torch.nn.functional.avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2).float(), 2).round().to(torch.uint8)
+    assert torch.equal(fashion_classifier.load_samples(tmp_path / "s32.npz"), pooled)
+    assert torch.equal(fashion_classifier.load_samples(tmp_path / "s16.npz"),
+                       torch.from_numpy(x[:, ::2, ::2]).permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="the classifier takes uint8"):
+        fashion_classifier.load_samples(tmp_path / "rgb.npz")
+
+
+@pytest.mark.skipif(not HAVE_FASHION, reason="Debian's dataset-fashion-mnist is not installed")
+def test_scorer_scores_real_images_as_confident_garments(tmp_path, capsys):
+    x = fashion_classifier.load_split("data", "test", 16)[0][:64].permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "real.npz", images=x)
+    np.savez(tmp_path / "noise.npz", images=np.random.default_rng(0).integers(0, 256, x.shape, dtype=np.uint8))
+    res = fashion_classifier.main([str(tmp_path / "real.npz"), str(tmp_path / "noise.npz"), "--steps", "300"])
+    real, noise = res[str(tmp_path / "real.npz")], res[str(tmp_path / "noise.npz")]
+    assert real["n"] == 64 and sum(real["counts"]) == round(real["confident"] * 64)
+    assert real["confident"] > 0.3 and real["coverage"] >= 6 and noise["confident"] < real["confident"] / 2
+    assert "confident per class" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """
-templates.py -- the expressive bottleneck in image space, measured against exact answers.
+beyond/templates.py -- the expressive bottleneck in image space, measured against exact answers.
 
 The data are 16 random smooth 16x16 grayscale templates (random 4x4 values, bicubically
 upsampled, each scaled to span [-0.85, 0.85]) plus N(0, 0.05^2) noise per pixel: a
@@ -9,17 +9,17 @@ computes) are known in closed form. On chains of T = 2, 5 and 10 steps, trained 
 we train three U-Nets from the same seed on the same image batches -- vanilla (Algorithm 1),
 SMD as in the paper (Algorithm 1 with eta) and, beyond the paper, a categorical mixture of K
 Gaussians per reverse step trained by its exact likelihood, with its responsibilities annealed
-(categorical.temperature, --anneal) -- and score their samples and
+(beyond.categorical.temperature, --anneal) -- and score their samples and
 both references by the nearest template: distance (RMS per pixel over std; 1 for data),
 blended share (distance > 2 std: not any one template), template coverage and TV of the
 template histogram. `gap` is E|eps_mean - eps*|^2 / D on data: how far a model's mean
 prediction is from the best Gaussian denoiser (0 = a perfectly trained vanilla model).
 
-    python templates.py --json assets/templates/templates_results.json --png assets/templates/templates.png
+    python -m beyond.templates --json assets/templates/templates_results.json --png assets/templates/templates.png
                                                    # ~23 min, 1 core
-    python templates.py --T 5 --components 4,16 --iters 500 --n 500 --png '' --json ''
-    python templates.py --T 5 --fixed-var --mean-loss 1        # T = 5's best categorical setting
-    python templates.py --T 10 --fixed-var --mean-loss 1 --nll-cap 1   # T = 10's
+    python -m beyond.templates --T 5 --components 4,16 --max-steps 500 --n 500 --png '' --json ''
+    python -m beyond.templates --T 5 --fixed-var --mean-loss 1       # T = 5's best categorical setting
+    python -m beyond.templates --T 10 --fixed-var --mean-loss 1 --nll-cap 1   # T = 10's
 
 Every flag and output path is checked before training. Widths are matched by unet.matched_width
 (the even width whose parameter count is closest to vanilla's).
@@ -36,12 +36,14 @@ import cli
 import data
 import gmm
 import smd
-from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet, make_diffusion, train_loop
+from beyond.categorical import (CategoricalConfig, CategoricalDiffusion, CategoricalUNet, add_flags, make_diffusion,
+                                train_loop)
 from unet import UNet, UNetConfig, matched_width, n_params
 
 # -----------------------------------------------------------------------------
 # the data; everything exact about it is in gmm.py
 
+PROG = "python -m beyond.templates"
 N_TEMPLATES, SIZE, STD, BLEND = 16, 16, 0.05, 2.0   # BLEND: distance (in std) beyond which a sample is blended
 
 
@@ -218,38 +220,39 @@ def figure(rows, samples, path):
 
 
 def get_parser():
-    p = cli.Parser(__doc__, prog="templates.py")
+    p = cli.Parser(__doc__, prog=PROG)
     p.add_argument("--T", type=cli.positive_ints, default=[2, 5, 10], help="training chain lengths (each >= 2)")
     p.add_argument("--components", type=cli.positive_ints, default=[16], help="K of the categorical model(s)")
     p.add_argument("--ch", type=cli.int_at_least(2, "U-Net width"), default=14,
                    help="vanilla's U-Net width; the others are matched to its count")
     p.add_argument("--ch-mult", type=cli.positive_ints, default=[1, 2, 2], help="width multipliers per resolution")
     p.add_argument("--no-match-params", dest="match_params", action="store_false", help="every model at --ch")
-    p.add_argument("--latent-dim", type=cli.positive_int, default=16)
-    p.add_argument("--iters", type=cli.positive_int, default=1200)
-    p.add_argument("--batch-size", type=cli.positive_int, default=64)
-    p.add_argument("--lr", type=cli.positive_float, default=4e-3)
-    cli.add_categorical_flags(p)
+    p.add_argument("--latent-dim", type=cli.positive_int, default=16, help="SMD: size of eta and z_t")
+    p.add_argument("--max-steps", type=cli.positive_int, default=1200, help="training steps per model")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="examples per training step")
+    p.add_argument("--lr", type=cli.positive_float, default=4e-3, help="AdamW's peak learning rate")
+    add_flags(p)
     p.add_argument("--objective", default="eps", choices=["eps", "v"], help="vanilla and SMD: eps (the paper) or v")
     p.add_argument("--var", default="small", choices=["small", "large"],
                    help="sigma^2 of vanilla, SMD and a --fixed-var categorical: small (beta~) or large (beta)")
     p.add_argument("--n", type=cli.int_at_least(16, "the figure shows 16"), default=2000,
                    help="samples per cell; also the rows of the gap, at most 2000")
-    p.add_argument("--seed", type=cli.nonneg_int, default=0)
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="weights, batches, samples")
     p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores)")
-    p.add_argument("--json", default="", help="write results here")
-    p.add_argument("--png", default="templates.png", help="write the figure here; '' for none")
+    p.add_argument("--json", default="", help="write the results here ('': nowhere)")
+    p.add_argument("--png", default="templates.png", help="write the figure here ('': none)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json or --png file")
     return p
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     if min(args.T) < 2:
-        cli.fail("templates.py", f"--T {min(args.T)}: a chain needs at least 2 steps")
+        cli.fail(PROG, f"--T {min(args.T)}: a chain needs at least 2 steps")
     if SIZE % 2 ** (len(args.ch_mult) - 1):
-        cli.fail("templates.py", f"--ch-mult {args.ch_mult}: {SIZE}x{SIZE} images allow at most 5 levels")
-    cli.writable_file("templates.py", args.json, "--json")
-    cli.writable_file("templates.py", args.png, "--png")
+        cli.fail(PROG, f"--ch-mult {args.ch_mult}: {SIZE}x{SIZE} images allow at most 5 levels")
+    cli.output_file(PROG, args.json, "--json", args.force, (".json",))
+    cli.output_file(PROG, args.png, "--png", args.force, (".png",))
     cli.set_threads(args.threads)
     t0 = time.time()
     specs = model_specs(args)

@@ -1,4 +1,4 @@
-"""templates.py: the metrics on samples whose answer is known (data, exact mixture denoising,
+"""beyond/templates.py: the metrics on samples whose answer is known (data, exact mixture denoising,
 the best Gaussian denoiser, blends of two templates), parameter matching, and a tiny
 end-to-end run (CPU, seconds)."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import smd
-import templates as tp
+from beyond import templates as tp
 from unet import UNet, n_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,7 +69,7 @@ def test_tiny_end_to_end(tmp_path, capsys, monkeypatch):
     out, png = tmp_path / "t.json", tmp_path / "t.png"
     calls, split = [], tp.CategoricalDiffusion.split_blends
     monkeypatch.setattr(tp.CategoricalDiffusion, "split_blends", lambda *a: calls.append(a[2].shape) or split(*a))
-    tp.main(["--T", "2", "--iters", "3", "--batch-size", "8", "--n", "64", "--ch", "8", "--latent-dim", "4",
+    tp.main(["--T", "2", "--max-steps", "3", "--batch-size", "8", "--n", "64", "--ch", "8", "--latent-dim", "4",
              "--components", "3", "--split", "--json", str(out), "--png", str(png)])
     assert calls == [(512, 1, 16, 16)]   # --split: once (step 2 of 3), for the categorical model only
     res = json.loads(out.read_text())
@@ -91,4 +91,4 @@ def test_bad_flags_refused_before_training(argv, says, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         tp.main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("templates.py: ") and err.count("\n") == 1 and says in err, err
+    assert e.value.code == 2 and err.startswith("python -m beyond.templates: ") and err.count("\n") == 1 and says in err, err

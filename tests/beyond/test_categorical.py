@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import categorical
 import smd
-from categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet
+from beyond import categorical
+from beyond.categorical import CategoricalConfig, CategoricalDiffusion, CategoricalUNet
 from test_smd import GaussianOracle
 
 

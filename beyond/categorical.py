@@ -1,5 +1,5 @@
 """
-categorical.py -- beyond the paper: each reverse step a categorical mixture of K Gaussians.
+beyond/categorical.py -- beyond the paper: each reverse step a categorical mixture of K Gaussians.
 
 SMD (smd.py) makes p_theta(x_{t-1} | x_t) a continuous mixture through a latent eta and trains
 it with Jensen's bound, whose minimiser ignores eta. Here the mixture is finite,
@@ -28,24 +28,24 @@ N(eps_hat_k; 0, I) (CategoricalDiffusion.mixture).
   CategoricalConfig, CategoricalUNet   the U-Net with K outputs and a head for the logits
   CategoricalDiffusion                 `mixture` (x0_hat_k, log pi), `loss` (the exact mixture NLL),
                                        `sample` (k ~ pi), `split_blends`
-  make_diffusion, train_loop           templates.py's and fashion.py's chains and training loop (all models)
+  add_flags, make_diffusion, train_loop   the flags, chains and training of templates and fashion
 
-    python train.py --dataset fashion-mnist --categorical 10 --learned-var --anneal 1e6 --T 5
-    python toy.py --T 5 --steps 5 --smd-objective categorical-var --width 160 --batch-size 512 --iters 24000
-    python templates.py --T 2 --split
-    python categorical.py            # the CIFAR-10 categorical U-Net's size
+    python -m beyond.train --dataset fashion-mnist --components 10 --learned-var --anneal 1e6 --T 5
+    python -m beyond.toy --T 5 --steps 5 --models vanilla,categorical-var --ch 160 --max-steps 24000
+    python -m beyond.templates --T 2 --split
+    python -m beyond.categorical     # the CIFAR-10 categorical U-Net's size
 """
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import fmt_time
-from smd import Diffusion, ddpm_update, make_optimizer, mlp, posterior, train_step
+import cli
+import smd
+from smd import Diffusion, ddpm_update, mlp, posterior
 from unet import UNet, UNetConfig, norm
 
 
@@ -65,6 +65,8 @@ class CategoricalUNet(UNet):
     """The U-Net whose last conv predicts K outputs, and a small MLP on the pooled bottleneck and
     the time embedding for the K logits of pi (and K variance logits), zero at the start."""
 
+    config_class = CategoricalConfig
+
     def __init__(self, config):
         super().__init__(config)
         K, temb_dim, bottleneck = config.components, 4 * config.ch, self.mid[0].conv1.in_channels
@@ -75,7 +77,8 @@ class CategoricalUNet(UNet):
 
     def output_layer(self, ch):
         """K outputs; not zero-initialised, so that the components start apart."""
-        return nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, self.channels * self.config.components, 3, padding=1))
+        return nn.Sequential(norm(ch, self.config.norm_groups), nn.SiLU(),
+                             nn.Conv2d(ch, self.channels * self.config.components, 3, padding=1))
 
     def forward(self, x, t, eta=None):
         h, pooled, temb = self.trunk(x, t)
@@ -289,9 +292,31 @@ class CategoricalDiffusion(Diffusion):
         return x.clamp(-1, 1)
 
 
+TEMPERATURE = cli.float_at_least(1.0, "a starting temperature; 1: no annealing")   # --anneal's type
+
+
+def add_flags(p):
+    """The categorical model's training options, as templates and fashion take them."""
+    p.add_argument("--anneal", type=TEMPERATURE, default=1e6,
+                   help="categorical: responsibilities' temperature from this to 1 over the first half (1: off)")
+    p.add_argument("--nll-cap", type=cli.positive_float, default=None,
+                   help="categorical: cap each step's NLL weight on |x0_hat - x0|^2 (categorical.capped_weight)")
+    p.add_argument("--mean-loss", type=cli.nonneg_float, default=0.0,
+                   help="categorical: + this x Algorithm 1's eps loss on the mixture's mean (sum_k pi_k x0_k)")
+    p.add_argument("--fixed-var", action="store_true",
+                   help="categorical: variances fixed at beta_tilde instead of learned")
+    p.add_argument("--fit-pi", action="store_true",
+                   help="categorical: pi also weighs each component by N(eps_hat_k; 0, I), its own fit to x_t")
+    p.add_argument("--draw-snr", type=cli.nonneg_float, default=None,
+                   help="categorical sampling: draw a component only where x_t's SNR abar/(1-abar) <= this, "
+                        "else the mixture's mean (default: at every step)")
+    p.add_argument("--split", action="store_true",
+                   help="categorical: after annealing, blends are copied into the least used components (split_blends)")
+
+
 def make_diffusion(cfg, T, objective, args):
-    """templates.py's and fashion.py's chain of T steps for a model config: a CategoricalDiffusion
-    with the categorical flags (cli.add_categorical_flags) for a CategoricalConfig, else smd's."""
+    """templates' and fashion's chain of T steps for a model config: a CategoricalDiffusion with
+    the categorical flags (add_flags) for a CategoricalConfig, else smd's."""
     if isinstance(cfg, CategoricalConfig):
         return CategoricalDiffusion(T, objective=objective, cap=args.nll_cap, mean_loss=args.mean_loss,
                                     fit_pi=args.fit_pi, draw_snr=args.draw_snr)
@@ -299,31 +324,19 @@ def make_diffusion(cfg, T, objective, args):
 
 
 def train_loop(model, diffusion, draw, args, label=""):
-    """The training loop of templates.py and fashion.py, the same for every model: Algorithm 1
-    (smd.train_step: grad clip 1, AdamW) with a linear warm-up over the first 5% and cosine decay,
-    on args.batch_size examples draw(n, generator) a step from a generator seeded args.seed (the
-    same batches for every model); a categorical model's responsibilities annealed (`temperature`,
-    args.anneal) and, with args.split, its blends split (`split_if_due`, on examples from a second
-    generator). Progress every 10%. Returns (mean loss of the last 10% of steps, ms per step)."""
-    opt = make_optimizer(model, args.lr, "cpu")
-    batches, losses, warm = torch.Generator().manual_seed(args.seed), [], max(1, args.iters // 20)
-    splits = torch.Generator().manual_seed(args.seed + 1)   # --split's examples, apart from the batches
-    t0, every = time.time(), max(1, args.iters // 10)
-    for it in range(args.iters):
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / args.iters))
-        loss_args = {"tau": temperature(it, args.iters, args.anneal)} if isinstance(diffusion, CategoricalDiffusion) \
-            else {}
-        x0 = draw(args.batch_size, batches)
-        if args.split:
-            split_if_due(model, diffusion, opt, it, args.iters, lambda n: draw(n, splits), f"{label}: ")
-        losses.append(train_step(model, diffusion, opt, x0, **loss_args).item())
-        if (it + 1) % every == 0 and it + 1 < args.iters:
-            s = time.time() - t0
-            print(f"  {label}: step {it + 1}/{args.iters}, loss {sum(losses[-every:]) / every:.4f}, "
-                  f"{1000 * s / (it + 1):.0f} ms/step, ETA {fmt_time(s / (it + 1) * (args.iters - it - 1))}",
-                  flush=True)
-    return sum(losses[-every:]) / every, 1000 * (time.time() - t0) / args.iters
+    """templates' and fashion's training, the same for every model: smd.train_loop (Algorithm 1,
+    grad clip 1, AdamW, a 5% linear warm-up, cosine decay) on args.batch_size examples
+    draw(n, generator) a step from a generator seeded args.seed (the same batches for every
+    model); a categorical model's responsibilities annealed (`temperature`, args.anneal) and,
+    with args.split, its blends split (`split_if_due`, on examples from a second generator).
+    Returns (mean loss of the last 10% of steps, ms per step)."""
+    batches, splits = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
+    anneal = isinstance(diffusion, CategoricalDiffusion)
+    split = lambda step, opt: split_if_due(model, diffusion, opt, step, args.max_steps, lambda n: draw(n, splits),
+                                           f"{label}: ")
+    return smd.train_loop(model, diffusion, lambda: draw(args.batch_size, batches), args.max_steps, args.lr,
+                          warmup=args.max_steps // 20, before_step=split if args.split else None, label=f"{label}: ",
+                          loss_args=lambda step: {"tau": temperature(step, args.max_steps, args.anneal)} if anneal else {})
 
 
 def split_if_due(model, diffusion, optimizer, step, total, draw, label="", frac=0.5):
@@ -339,5 +352,5 @@ def split_if_due(model, diffusion, optimizer, step, total, draw, label="", frac=
 if __name__ == "__main__":
     from unet import n_params
     vanilla, cat = n_params(UNet(UNetConfig())), n_params(CategoricalUNet(CategoricalConfig(components=10)))
-    print(f"UNet, categorical mixture of 10 components (--categorical 10): {cat:,} parameters "
+    print(f"UNet, categorical mixture of 10 components (beyond.train --components 10): {cat:,} parameters "
           f"(+{100 * (cat / vanilla - 1):.1f}% vs DDPM's {vanilla:,})")
