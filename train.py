@@ -4,9 +4,8 @@ one GPU or many.
 
     python train.py --dataset cifar10 --smd                  # SMD on CIFAR-10 (downloads to ./data)
     python train.py --dataset cifar10                        # the DDPM baseline
-    python train.py --dataset fashion-mnist --image-size 16 --ch 32 --ch-mult 1,2 --num-res-blocks 1 \\
-        --attn-res "" --dropout 0 --T 100 --batch-size 32 --lr 2e-3 --warmup 50 --ema-decay 0.995 \\
-        --max-steps 600 --out-dir out/quick                  # the CPU quick start (README; minutes)
+    python train.py --dataset fashion-mnist --image-size 16 --ch 16 --num-res-blocks 1 --attn-res "" --dropout 0 \\
+        --norm-groups 4 --batch-size 64 --lr 2e-3 --warmup 50 --max-steps 1200 --out-dir out/quick   # CPU: minutes
     python train.py --dataset path/to/celeba --image-size 64 --smd   # any folder of images
     torchrun --standalone --nproc_per_node=8 train.py --dataset cifar10 --smd   # 8 GPUs, same global batch
     python train.py --resume --out-dir out                   # continue out/ckpt.pt where it stopped
@@ -43,27 +42,27 @@ def get_parser():
     p = cli.Parser(__doc__, prog="train.py")
     p.add_argument("--dataset", default="cifar10", help=f"{' | '.join(DATASETS)} | path/to/image/folder")
     p.add_argument("--data-dir", default="data", help="where torchvision datasets are (or get downloaded)")
-    p.add_argument("--image-size", type=cli.positive_int, default=None, help="named datasets: 32 (default), 16 or 8 "
-                   "(average-pooled); image folders: resize + center crop (default 64)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: on, off for mnist)")
+    p.add_argument("--image-size", type=cli.positive_int, help="named datasets: 32, 16 or 8 (average-pooled); folders: "
+                   "resize + center crop (default: 32; folders 64)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random flips (default: on, off for mnist)")
     # the network: unet.UNetConfig's fields, with its defaults
     p.add_argument("--ch", type=cli.positive_int, default=UNetConfig.ch, help="base width")
-    p.add_argument("--ch-mult", type=cli.positive_ints, default=None, help="e.g. 1,2,2,2 (default: by image size)")
+    p.add_argument("--ch-mult", type=cli.positive_ints, help="e.g. 1,2,2,2 (default: by image size)")
     p.add_argument("--num-res-blocks", type=cli.positive_int, default=UNetConfig.num_res_blocks)
     p.add_argument("--attn-res", type=cli.int_list, default=UNetConfig.attn_res,
-                   help='resolutions with attention, "" for none')
+                   help='resolutions with self-attention ("": none)')
     p.add_argument("--dropout", type=cli.dropout, default=UNetConfig.dropout)
-    p.add_argument("--norm-groups", type=cli.positive_int, default=UNetConfig.norm_groups, help="gcd(this, ch) GroupNorm groups")
+    p.add_argument("--norm-groups", type=cli.positive_int, default=UNetConfig.norm_groups,
+                   help="GroupNorm: gcd(this, channels) groups")
     p.add_argument("--smd", action="store_true", help="Soft Mixture Denoising (else plain DDPM)")
     p.add_argument("--latent-dim", type=cli.positive_int, default=UNetConfig.latent_dim, help="SMD: size of eta, z_t")
     p.add_argument("--eta-samples", type=cli.positive_int, default=1, help="SMD: etas per example (Sec. 5.4)")
-    p.add_argument("--init", default=None, help="start from published DDPM weights (diffusers' format): "
-                   "google/ddpm-cifar10-32, a folder or a .bin file; they fix the network's shape (default: none)")
+    p.add_argument("--init", help="start from published DDPM weights, diffusers' format: google/ddpm-cifar10-32, a "
+                   "folder or a .bin file; they fix the network (default: none)")
     # the chain and the optimisation
     p.add_argument("--T", type=cli.int_at_least(2, "a chain needs 2 steps"), default=1000, help="diffusion steps")
     p.add_argument("--schedule", default="linear", choices=sorted(smd.SCHEDULES))
-    p.add_argument("--objective", default="eps", choices=["eps", "v"],
-                   help="what the U-Net predicts; the loss is ||eps - eps_hat||^2 either way")
+    p.add_argument("--objective", default="eps", choices=["eps", "v"], help="what the U-Net predicts (loss: eps's)")
     p.add_argument("--batch-size", type=cli.positive_int, default=128, help="global batch, split over the ranks")
     p.add_argument("--lr", type=cli.nonneg_float, default=2e-4, help="AdamW's learning rate after the warm-up")
     p.add_argument("--warmup", type=cli.nonneg_int, default=5000, help="linear learning-rate warm-up steps")
@@ -71,7 +70,7 @@ def get_parser():
     p.add_argument("--max-steps", type=cli.positive_int, default=800_000, help="training steps (DDPM's CIFAR-10: 800k)")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="weights, data order, noise")
     # the machine and the output
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores, else torch's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on with CUDA)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on with CUDA)")
@@ -81,8 +80,8 @@ def get_parser():
     p.add_argument("--ckpt-every", type=cli.positive_int, default=5000, help="steps between checkpoints")
     p.add_argument("--sample-every", type=cli.nonneg_int, default=10000, help="steps between sample grids (0: never)")
     p.add_argument("--sample-n", type=cli.positive_int, default=64, help="images in each sample grid")
-    p.add_argument("--sample-steps", type=cli.int_at_least(2, "a sampler takes >= 2 steps"), default=None,
-                   help="sampling steps of the in-run grids (default: min(100, T))")
+    p.add_argument("--sample-steps", type=cli.int_at_least(2, "a sampler takes >= 2 steps"),
+                   help="the grids' sampling steps (default: min(100, T))")
     return p
 
 
@@ -117,21 +116,17 @@ def check_args(args, parser, model_class, explicit=(), world=1, stored=()):
         model_class.config_class(**{**network_flags(args, model_class), "image_size": size})
     except ValueError as e:
         cli.fail(parser.prog, str(e))
-    fixed = [k for k in model_fields(model_class) if k in explicit and k not in pretrained.RUN_CHOOSES]
+    fixed = [k for k in network_flags(args, model_class) if k in explicit and k not in pretrained.RUN_CHOOSES]
     fixed += [k for k, v in pretrained.CHAIN.items() if getattr(args, k) != v]
     if args.init and fixed:
         bad("init", f"the weights fix the network and the chain ({pretrained.CHAIN}): drop "
                     f"{', '.join(cli.flag(parser, k) for k in fixed)}")
 
 
-def model_fields(model_class):
-    """The network's fields (its config dataclass's): their flags fix the network, not the run."""
-    return [f.name for f in dataclasses.fields(model_class.config_class)]
-
-
 def network_flags(args, model_class):
-    """The values of the flags that fix the network."""
-    return {k: v for k, v in vars(args).items() if k in model_fields(model_class)}
+    """{field: value} of the flags that fix the network (its config dataclass's fields), not the run."""
+    fields = {f.name for f in dataclasses.fields(model_class.config_class)}
+    return {k: v for k, v in vars(args).items() if k in fields}
 
 
 def load_data(args, ckpt, model_class, prog, rank, local_rank, world, device):
@@ -207,10 +202,9 @@ def train(args, net, model, ema, optimizer, diffusion, data, step, meta, amp, lo
                 dt = (time.time() - t0) / n_window
                 losses.append((step, loss_mean))
                 if master:
-                    checkpoint.log(f"step {step}/{args.max_steps} | loss {loss_mean:.4f} | lr "
-                                   f"{optimizer.param_groups[0]['lr']:.2e} | {1000 * dt:.1f} ms/step | "
-                                   f"{args.batch_size / dt:.0f} img/s | ETA {cli.fmt_time(dt * (args.max_steps - step))}",
-                                   out)
+                    lr, left = optimizer.param_groups[0]["lr"], cli.fmt_time(dt * (args.max_steps - step))
+                    checkpoint.log(f"step {step}/{args.max_steps} | loss {loss_mean:.4f} | lr {lr:.2e} | "
+                                   f"{1000 * dt:.1f} ms/step | {args.batch_size / dt:.0f} img/s | ETA {left}", out)
                 loss_sum, n_window, t0 = torch.zeros_like(loss_sum), 0, time.time()
             if master and args.sample_every and step % args.sample_every == 0:
                 g = torch.Generator(device).manual_seed(args.seed)   # not the training RNG: resume stays exact
@@ -249,21 +243,22 @@ def main(argv=None, parser=None, model_class=UNet, diffusion_class=smd.Diffusion
     try:
         # -- the data (from the step the run stopped at), the network, its optimiser and EMA -----
         data, cfg, init = load_data(args, ckpt, model_class, parser.prog, rank, local_rank, world, device)
-        model, ema, optimizer, diffusion = build(args, model_class, diffusion_class, cfg, ckpt, init, device, rank, world)
+        model, ema, optimizer, diffusion = build(args, model_class, diffusion_class, cfg, ckpt, init, device, rank,
+                                                 world)
         net = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
         net = torch.compile(net) if compile_ else net   # compile(DDP(...)): all-reduces overlap the compiled backward
         step = ckpt["step"] if ckpt else 0
-        config = {k: v for k, v in vars(args).items() if k not in model_fields(model_class)}
-        meta = {"config": config, "model_config": dataclasses.asdict(cfg),
-                "model_class": checkpoint.class_path(model_class), "diffusion_class": checkpoint.class_path(diffusion_class)}
+        config = {k: v for k, v in vars(args).items() if k not in network_flags(args, model_class)}
+        meta = {"config": config, "model_config": dataclasses.asdict(cfg), "model_class":
+                checkpoint.class_path(model_class), "diffusion_class": checkpoint.class_path(diffusion_class)}
         if master:
             cpu = f" ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else ""
+            size = f"{cfg.channels}x{cfg.image_size}x{cfg.image_size}"
             checkpoint.log_start(args.out_dir, " ".join([parser.prog, *(sys.argv[1:] if argv is None else argv)]),
                                  step, {**config, "model_config": meta["model_config"]},
                                  f"{model_class.__name__}{' with SMD' * getattr(cfg, 'smd', False)}, "
-                                 f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dataset} {cfg.channels}x"
-                                 f"{cfg.image_size}x{cfg.image_size}, batch {args.batch_size} on {world} x {device}{cpu}, "
-                                 f"compile={compile_}, bf16={amp}")
+                                 f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dataset} {size}, "
+                                 f"batch {args.batch_size} on {world} x {device}{cpu}, compile={compile_}, bf16={amp}")
 
         # -- train: Algorithm 1, the EMA, logs, samples, checkpoints ----------------------------
         step, losses = train(args, net, model, ema, optimizer, diffusion, data, step, meta, amp, loss_args,

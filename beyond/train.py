@@ -34,6 +34,7 @@ def get_parser():
 
 def main(argv=None):
     parser = get_parser()
+    parser.parse_args(argv)   # --help, and the flags' own checks, first
     given = [cli.flag(parser, k) for k in cli.explicit_args(parser, argv) if k in NOT_HERE]
     if given:
         cli.fail(PROG, f"{', '.join(given)}: not for the categorical model (they are the SMD model's, or start "

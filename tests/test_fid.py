@@ -213,7 +213,8 @@ def test_cli_hands_the_right_images_and_statistics(model, fid_weights, tmp_path,
     images, feats = seen[1]
     assert np.array_equal(images, b) and np.array_equal(got[0][0], mu) and np.array_equal(got[0][1], sigma)
     assert np.array_equal(got[0][2], feats.mean(0)) and np.allclose(got[0][3], np.cov(feats.T), rtol=0, atol=1e-12)
-    assert "(N=3): 123.0000" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "(N=3): 123.0000" in out and "b.npz: no 'images' array; read the first one, 'arr_0'" in err
     if HAVE_FASHION:  # a dataset name: its statistics are computed once, then read from the cache
         for out in ("fm1.npz", "fm2.npz"):
             fid.main(["fashion-mnist:test", str(tmp_path / out), "--limit", "2", "--save-stats"] + common)
@@ -305,6 +306,41 @@ def test_cli_refuses_in_one_line_before_the_inception(case, bad_dir, monkeypatch
     monkeypatch.setattr(fid, "load_inception", never)
     argv, message = REFUSALS[case]
     assert re.search(message, refusal([a.format(t=bad_dir) for a in argv], capsys))
+
+
+def test_a_missing_dataset_is_named_before_any_features(tmp_path, monkeypatch, capsys):
+    """Offline, `fid.py a.npz cifar10:test` says the data set is missing (where to get it and where
+    to put it) before the Inception is loaded or a.npz's features are computed."""
+    import torchvision
+
+    def offline(*a, **k):
+        raise RuntimeError("network access attempted")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setattr(fid, "STATS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "load_inception", lambda *a: pytest.fail("loaded the Inception first"))
+    np.savez(tmp_path / "a.npz", images=structured_images(2, 0, size=12))
+    err = refusal([str(tmp_path / "a.npz"), "cifar10:test", "--data-dir", str(tmp_path / "data")], capsys)
+    assert "cifar10: no data in" in err and "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in err, err
+
+
+def test_unlike_sets_are_warned_and_progress_has_an_eta(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: model)
+    np.savez(tmp_path / "rgb.npz", images=structured_images(3, 0, size=12))
+    np.savez(tmp_path / "gray.npz", images=structured_images(3, 1, size=16)[..., :1])
+    with pytest.warns(UserWarning, match=r"rgb.npz holds 12x12x3 images, .*gray.npz 16x16x1"):
+        fid.main([str(tmp_path / "rgb.npz"), str(tmp_path / "gray.npz"), "--device", "cpu", "--batch-size", "2"])
+    assert re.search(r"rgb.npz: 3/3 images, [\d.]+ img/s|rgb.npz: 3 images", capsys.readouterr().err)
+
+
+def test_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fid, "load_inception", interrupted)
+    np.savez(tmp_path / "two.npz", images=structured_images(2, 0, size=12))
+    with pytest.raises(SystemExit) as e:
+        fid.main([str(tmp_path / "two.npz"), str(tmp_path / "s.npz"), "--save-stats"])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.strip().startswith("fid.py: interrupted") and not (tmp_path / "s.npz").exists()
 
 
 def test_one_image_is_refused_at_once(tmp_path):

@@ -83,12 +83,14 @@ def test_mnist_format_files(tmp_path, offline):
             "--norm-groups", "4")
     assert r["model_config"].channels == 1 and r["config"]["flip"] is False   # no flips for digits
     assert r["model_config"].norm_groups == 4 and "norm_groups" not in r["config"]
+    assert "on 1 x cpu (1 thread), compile=False" in (tmp_path / "out" / "log.txt").read_text()
 
 
 def test_missing_data_offline_says_where(tmp_path, offline, capsys):
     with pytest.raises(RuntimeError, match=r"MNIST/raw.*downloading it failed"):
         data.load_images("mnist", str(tmp_path))
-    with pytest.raises(RuntimeError, match="cifar-10-batches-py"):
+    with pytest.raises(RuntimeError, match=r"cifar-10-batches-py.*download https://www.cs.toronto.edu/~kriz/"
+                                           r"cifar-10-python.tar.gz and extract it into .*tar xzf"):
         data.load_images("cifar10", str(tmp_path))
     assert re.search(r"train.py: cifar10: no data in .*cifar-10-batches-py", refusal(capsys, ["--out-dir", str(tmp_path / "out"), "--dataset", "cifar10", "--data-dir", str(tmp_path)]))
     assert re.search("neither cifar10", refusal(capsys, ["--out-dir", str(tmp_path / "out"), "--dataset", str(tmp_path / "no-such-folder")]))
