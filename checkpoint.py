@@ -24,6 +24,7 @@ sees the same --out-dir: a shared file system.
     python -c "import checkpoint; m, d, info = checkpoint.load_checkpoint('out/ckpt.pt'); print(info)"
 """
 
+import argparse
 import dataclasses
 import fcntl
 import importlib
@@ -217,7 +218,7 @@ def resume_run(path, args, explicit, parser, model_class):
         if callable(types.get(k)) and types[k] not in (int, float) and v is not None and not isinstance(v, (list, tuple)):
             try:   # a stored value passes the same check as a typed one
                 types[k](str(v))
-            except Exception as e:
+            except argparse.ArgumentTypeError as e:
                 raise ValueError(f"{flag(k)} {v!r} (stored in the checkpoint: pass {flag(k)} to override it): {e}")
     if ckpt["step"] >= args.max_steps:
         raise ValueError(f"{path} is already at step {ckpt['step']} of --max-steps {args.max_steps}: pass a larger "

@@ -198,7 +198,7 @@ def n_params(model):
 
 def matched_width(target, make, step=8):
     """The width w (a multiple of `step`) whose model make(w) has the parameter count closest to
-    `target`: the same-size control for an SMD (or categorical) model."""
+    `target`: the same-size control for an SMD model (or any larger one)."""
     w = step
     while n_params(make(w + step)) <= target:
         w += step
