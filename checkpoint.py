@@ -215,9 +215,10 @@ def resume_run(path, args, explicit, parser, model_class):
             continue
         setattr(args, k, v)
         stored.append(k)
-        if callable(types.get(k)) and types[k] not in (int, float) and v is not None and not isinstance(v, (list, tuple)):
+        check = types.get(k)
+        if callable(check) and check not in (int, float) and v is not None and not isinstance(v, (list, tuple)):
             try:   # a stored value passes the same check as a typed one
-                types[k](str(v))
+                check(str(v))
             except argparse.ArgumentTypeError as e:
                 raise ValueError(f"{flag(k)} {v!r} (stored in the checkpoint: pass {flag(k)} to override it): {e}")
     if ckpt["step"] >= args.max_steps:
@@ -228,7 +229,8 @@ def resume_run(path, args, explicit, parser, model_class):
 
 def rng_states(device, world):
     """This process's RNG states; under DDP a list over every rank (a collective call)."""
-    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    state = {"torch": torch.get_rng_state(), "cuda": cuda}
     if world == 1:
         return [state]
     states = [None] * world

@@ -48,7 +48,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def flag(parser, dest):
-    """The command-line flag of an argument (`--categorical` for dest `components`)."""
+    """The command-line flag of an argument (`--ch-mult` for dest `ch_mult`)."""
     return next(a.option_strings[0] for a in parser._actions if a.dest == dest)
 
 
@@ -206,6 +206,16 @@ def one_line_interrupt(prog):
 
 # -----------------------------------------------------------------------------
 # the machine
+
+
+def add_machine_flags(p, gpu=True):
+    """--threads, and with gpu --device, --compile and --amp: the same flags in every script."""
+    p.add_argument("--threads", type=nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores, else torch's)")
+    if gpu:
+        p.add_argument("--device", type=device, help="cpu, cuda, cuda:N (default: cuda if available)")
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on with CUDA)")
+        p.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                       help="bf16 autocast of the network (default: on with CUDA)")
 
 
 def set_threads(n):

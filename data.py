@@ -45,9 +45,9 @@ SOURCES = {"cifar10": "download https://www.cs.toronto.edu/~kriz/cifar-10-python
                       "(tar xzf cifar-10-python.tar.gz -C {data_dir}: it makes {where})",
            "mnist": "put train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz from "
                     "https://ossci-datasets.s3.amazonaws.com/mnist/ into {where}",
-           "fashion-mnist": "put train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz (and the -labels- files) from "
-                            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ into {where}, or on Debian/Ubuntu "
-                            "install them: apt-get install dataset-fashion-mnist"}
+           "fashion-mnist": "put train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz (and the -labels- "
+                            "files) from http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ into {where}, "
+                            "or on Debian/Ubuntu install them: apt-get install dataset-fashion-mnist"}
 
 
 def download(name, cls, data_dir, where):

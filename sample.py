@@ -21,7 +21,6 @@ deterministic and answers "does eta change the samples?". --eta-sensitivity N me
 training images, how much eps_hat moves with eta (0: the latent is unused).
 """
 
-import argparse
 import functools
 import sys
 import time
@@ -141,12 +140,7 @@ def get_parser():
     p.add_argument("--npz", default=None, help=".npz of all images, uint8 NHWC under 'images' (fid.py's input; "
                    "default: none)")
     p.add_argument("--force", action="store_true", help="replace an existing --grid or --npz file")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores, else torch's)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the U-Net "
-                   "(default: on with CUDA)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="bf16 autocast for the U-Net, the chain stays fp32 (default: on with CUDA)")
+    cli.add_machine_flags(p)   # under --amp the chain itself stays fp32
     p.add_argument("--eta-sensitivity", type=cli.nonneg_int, default=0, metavar="N",
                    help="SMD: measure the eta-sensitivity on N training images (0: skip)")
     return p
@@ -195,9 +189,9 @@ def main(argv=None):
     compile_, amp = cli.cuda_defaults(device, args.compile, args.amp)
     with cli.one_line_interrupt(PROG):
         model, diffusion, info = load(args, device)
+        start, weights = f" from {info['init']}" if info.get("init") else "", "raw" if args.no_ema else "EMA"
         origin = (f"published weights ({info['init']})" if info["step"] is None else
-                  f"trained {info['step']} steps on {info.get('dataset')}"
-                  + (f" from {info['init']}" if info.get("init") else "") + f", {'raw' if args.no_ema else 'EMA'} weights")
+                  f"trained {info['step']} steps on {info.get('dataset')}{start}, {weights} weights")
         kind = info["model_class"].rpartition(".")[2] + (" with SMD" if info["smd"] else "")
         sampler = "DDIM" + (f" (ddim_eta {args.ddim_eta})" if args.ddim_eta else "") if args.sampler == "ddim" \
             else f"DDPM, sigma^2 {'beta' if args.var == 'large' else 'beta_tilde'}"

@@ -51,8 +51,8 @@ class SoftMixture(nn.Module):
 
     def forward(self, eta, feats, temb):
         """[(scale, shift), ...], each (B, C_block), one pair per block."""
-        z = self.g_xi(torch.cat([eta.to(feats.dtype), feats, temb], 1))   # Alg. 1 l. 6, Alg. 2 l. 5: z_t = g_xi(eta, x_t, t)
-        params = self.f_phi(torch.cat([z, temb], 1))                      # Alg. 1 l. 7, Alg. 2 l. 6: f_phi(z_t, t)
+        z = self.g_xi(torch.cat([eta.to(feats.dtype), feats, temb], 1))   # Alg. 1 l.6, 2 l.5: z_t = g_xi(eta, x_t, t)
+        params = self.f_phi(torch.cat([z, temb], 1))                      # Alg. 1 l.7, 2 l.6: f_phi(z_t, t)
         chunks = params.split([2 * c for c in self.block_channels], dim=1)
         return [tuple(c.chunk(2, dim=1)) for c in chunks]
 

@@ -187,7 +187,8 @@ def run(args, seed, specs):
                     x_T = torch.randn((args.n, 2), generator=g, dtype=dtype)
                     x = diffusion.sample(model, x_T.shape, steps=s, var=var, generator=g, x_T=x_T)
                     print(f"  sampled {name}, sigma^2 {var}, {s} steps: {time.time() - t0:.0f}s", flush=True)
-                    extra = {"eta_sens": info[name]["eta_sensitivity"]} if getattr(model, "latent_dim", 0) and name in info else {}
+                    smd_model = getattr(model, "latent_dim", 0) and name in info
+                    extra = {"eta_sens": info[name]["eta_sensitivity"]} if smd_model else {}
                     score(name, var, s, x, **extra)
     return rows, info
 
@@ -278,7 +279,7 @@ def get_parser(models=("vanilla", "smd")):
                    help="samples per model and step count")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="the first seed")
     p.add_argument("--seeds", type=cli.positive_int, default=1, help="seeds, from --seed on (mean and std reported)")
-    p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores)")
+    cli.add_machine_flags(p, gpu=False)
     p.add_argument("--json", default="", help="write the results here ('': nowhere)")
     p.add_argument("--png", default="toy.png", help="write the figure here (first seed; '': none)")
     p.add_argument("--force", action="store_true", help="replace an existing --json or --png file")

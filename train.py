@@ -38,6 +38,7 @@ import smd
 from data import DATASETS, NAMED_SIZES, make_batches, save_grid, to_uint8
 from unet import UNet, UNetConfig
 
+
 def get_parser():
     p = cli.Parser(__doc__, prog="train.py")
     p.add_argument("--dataset", default="cifar10", help=f"{' | '.join(DATASETS)} | path/to/image/folder")
@@ -70,10 +71,7 @@ def get_parser():
     p.add_argument("--max-steps", type=cli.positive_int, default=800_000, help="training steps (DDPM's CIFAR-10: 800k)")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="weights, data order, noise")
     # the machine and the output
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores, else torch's)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on with CUDA)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on with CUDA)")
+    cli.add_machine_flags(p)
     p.add_argument("--out-dir", default="out", help="the run folder: ckpt.pt, log.txt, samples_*.png")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt (every node must see it)")
     p.add_argument("--log-every", type=cli.positive_int, default=100, help="steps between log lines")

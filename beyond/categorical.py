@@ -331,12 +331,13 @@ def train_loop(model, diffusion, draw, args, label=""):
     with args.split, its blends split (`split_if_due`, on examples from a second generator).
     Returns (mean loss of the last 10% of steps, ms per step)."""
     batches, splits = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
+    tau = lambda step: {"tau": temperature(step, args.max_steps, args.anneal)}
     anneal = isinstance(diffusion, CategoricalDiffusion)
     split = lambda step, opt: split_if_due(model, diffusion, opt, step, args.max_steps, lambda n: draw(n, splits),
                                            f"{label}: ")
     return smd.train_loop(model, diffusion, lambda: draw(args.batch_size, batches), args.max_steps, args.lr,
                           warmup=args.max_steps // 20, before_step=split if args.split else None, label=f"{label}: ",
-                          loss_args=lambda step: {"tau": temperature(step, args.max_steps, args.anneal)} if anneal else {})
+                          loss_args=tau if anneal else lambda step: {})
 
 
 def split_if_due(model, diffusion, optimizer, step, total, draw, label="", frac=0.5):

@@ -142,7 +142,7 @@ def main(argv=None):
     p.add_argument("--steps", type=cli.positive_int, default=2000, help="classifier training steps (batch 128)")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="the classifier's weights and batches")
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST under data-dir/FashionMNIST/raw, or Debian's")
-    p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores)")
+    cli.add_machine_flags(p, gpu=False)
     args = p.parse_args(argv)
     cli.set_threads(args.threads)
     try:

@@ -290,7 +290,7 @@ def get_parser():
     p.add_argument("--classifier-steps", type=cli.positive_int, default=2000, help="classifier steps (batch 128)")
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST under data-dir/FashionMNIST/raw, or Debian's")
     p.add_argument("--seed", type=cli.nonneg_int, default=0)
-    p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores)")
+    cli.add_machine_flags(p, gpu=False)
     p.add_argument("--out-dir", default="out/fashion", help="results, figure and the cached FID reference")
     p.add_argument("--json", default=None, help="results (default: out-dir/fashion_results.json); '' for none")
     p.add_argument("--png", default=None, help="figure (default: out-dir/fashion.png); '' for none")

@@ -238,7 +238,7 @@ def get_parser():
     p.add_argument("--n", type=cli.int_at_least(16, "the figure shows 16"), default=2000,
                    help="samples per cell; also the rows of the gap, at most 2000")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="weights, batches, samples")
-    p.add_argument("--threads", type=cli.nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores)")
+    cli.add_machine_flags(p, gpu=False)
     p.add_argument("--json", default="", help="write the results here ('': nowhere)")
     p.add_argument("--png", default="templates.png", help="write the figure here ('': none)")
     p.add_argument("--force", action="store_true", help="replace an existing --json or --png file")

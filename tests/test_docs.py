@@ -26,7 +26,8 @@ def test_readme_line_links_land_on_what_they_name():
 
 def test_every_asset_is_shown_by_a_doc_and_every_path_a_doc_names_exists():
     docs = "\n".join(text(d) for d in DOCS)
-    assets = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(os.path.join(ROOT, "assets")) for f in fs]
+    walk = os.walk(os.path.join(ROOT, "assets"))
+    assets = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in walk for f in fs]
     unnamed = [a for a in assets if a.split("assets/", 1)[1] not in docs]
     named = set(re.findall(r"\]\((?:\.\./)?(assets/[^)\s]+)\)", docs))   # the links and images
     missing = [a for a in named if not os.path.exists(os.path.join(ROOT, a))]
