@@ -58,11 +58,12 @@ class Progress(torch.nn.Module):
     def forward(self, x, t, eta=None):
         self.calls += 1
         now = time.time()
-        if now - self.shown > self.EVERY:
-            self.shown, rate = now, (self.done * self.steps + self.calls) / (now - self.t0)   # steps per second
-            left = (self.n - self.done) * self.steps - self.calls
+        if now - self.shown > self.EVERY:   # the work counted in image-steps
+            done = self.done * self.steps + self.calls * min(len(x), self.n - self.done)
+            self.shown, rate = now, done / (now - self.t0)
             print(f"images {self.done}-{min(self.n, self.done + len(x))}/{self.n}: step {self.calls}/{self.steps} | "
-                  f"{rate / self.steps * len(x):.1f} img/s | ETA {cli.fmt_time(left / rate)}", flush=True)
+                  f"{rate / self.steps:.1f} img/s | ETA {cli.fmt_time((self.n * self.steps - done) / rate)}",
+                  flush=True)
         return self.model(x, t, eta)
 
 
