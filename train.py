@@ -246,7 +246,8 @@ def main(argv=None, parser=None, model_class=UNet, diffusion_class=smd.Diffusion
         net = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
         net = torch.compile(net) if compile_ else net   # compile(DDP(...)): all-reduces overlap the compiled backward
         step = ckpt["step"] if ckpt else 0
-        config = {k: v for k, v in vars(args).items() if k not in network_flags(args, model_class)}
+        network = network_flags(args, model_class)
+        config = {k: v for k, v in vars(args).items() if k not in network}
         meta = {"config": config, "model_config": dataclasses.asdict(cfg), "model_class":
                 checkpoint.class_path(model_class), "diffusion_class": checkpoint.class_path(diffusion_class)}
         if master:
