@@ -35,9 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import cli
-import data  # the datasets as train.py reads them
-from inception import FID_WEIGHTS_URL, features, load_inception
+from machinery import cli, data   # data: the datasets as train.py reads them
+from machinery.inception import FID_WEIGHTS_URL, features, load_inception
 
 PROG = "fid.py"
 STATS_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "smd", "fid_stats")

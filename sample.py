@@ -28,10 +28,10 @@ import time
 import numpy as np
 import torch
 
-import cli
 import smd
-from checkpoint import load_checkpoint
-from data import IMAGE_FORMATS, make_batches, save_grid, save_npz, to_uint8
+from machinery import cli
+from machinery.checkpoint import load_checkpoint
+from machinery.data import IMAGE_FORMATS, make_batches, save_grid, save_npz, to_uint8
 
 PROG = "sample.py"
 

@@ -6,10 +6,9 @@ Read it top to bottom; it is the paper in the order a reader needs it:
                per-block (scale, shift) `modulate` applies (Eq. 11: theta_hat = theta u f_phi).
   Diffusion    the forward process (Eq. 1) in closed form, q(x_t | x_0) (Alg. 1 line 4), Algorithm 1
                (`loss`) and Algorithm 2 (`sample`).
-  beside Alg. 2: the update of its line 7 and its variants (the authors' clipped-x0 path,
-               DDIM), and `HeldEta`, a wrapper holding eta fixed for a whole chain.
-  train_step   Algorithm 1 as one optimiser update; the EMA of the weights; `train_loop`, the
-               small experiments' loop (toy.py, beyond/; train.py has its own).
+  beside Alg. 2: what can replace its line 7 (the authors' clipped-x0 path, DDIM), and
+               `HeldEta`, a wrapper holding eta fixed for a whole chain.
+  train_step   Algorithm 1 as one optimiser update (line 9); the EMA of the weights.
   eta_sensitivity  does a trained model use its latent at all? (Alg. 1's loss is minimised by
                an eps_hat that ignores z: eta is independent of (x_0, eps) given x_t.)
 
@@ -22,14 +21,12 @@ itself, so Algorithms 1 and 2 read line by line below.
 """
 
 import math
-import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import fmt_time
 
 # -----------------------------------------------------------------------------
 # Soft Mixture Denoising: z_t = g_xi(eta, x_t, t) and theta_hat = theta u f_phi(z_t, t)
@@ -178,19 +175,24 @@ class Diffusion(nn.Module):
     @torch.no_grad()
     def sample(self, model, shape, steps=None, var="large", generator=None, x_T=None, update=None):
         """Algorithm 2 over `steps` kept timesteps (all T by default); returns x_0 clamped to
-        [-1, 1]. var: sigma_t^2 = beta_t ("large") or beta_tilde_t ("small"). `update` replaces
-        line 7 (clipped_update, ddim_update below); a HeldEta model holds eta across the chain."""
+        [-1, 1]. var: sigma_t^2 = beta_t ("large") or beta_tilde_t ("small"). update(x_t, eps_hat,
+        eps, abar_t, abar_prev) -> x_{t-1} replaces line 7 (clipped_update, ddim_update below)."""
         if var not in ("large", "small"):
             raise ValueError(f"var={var!r}: use large (sigma^2 = beta) or small (beta_tilde)")
-        update = update or (lambda *a: ddpm_update(*a, var=var))
         x = x_T if x_T is not None else torch.randn(shape, device=self.betas.device, generator=generator)  # line 1
-        for t, abar, abar_prev in self.step_coefficients(steps):                     # line 2: t = T, ..., 1
-            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)  # line 3 (0 at t=1)
-            eta = self.draw_eta(model, x, generator)                                  # line 4: eta ~ N(0, I)
+        for t, abar, abar_prev in self.step_coefficients(steps):                 # line 2: for t = T, ..., 1
+            eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)   # line 3
+            eta = self.draw_eta(model, x, generator)                              # line 4: eta ~ N(0, I)
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps_hat = self.predict_eps(model, x, tt, eta)                             # lines 5-6, in the model
-            x = update(x, eps_hat, noise, abar, abar_prev)                            # line 7
-        return x.clamp(-1, 1)                                                         # line 9
+            eps_hat = self.predict_eps(model, x, tt, eta)                         # lines 5-6, in the model
+            if update is not None:                                                # line 7, swapped (DDIM, clipping)
+                x = update(x, eps_hat, eps, abar, abar_prev)
+                continue
+            alpha = abar / abar_prev                                              # the (respaced) step's alpha_t
+            sigma2 = 1 - alpha if var == "large" else posterior(abar, abar_prev)[2]   # sigma_t^2 = beta_t or beta~_t
+            mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)   # line 7: the mean...
+            x = mean + math.sqrt(sigma2) * eps if abar_prev < 1 else mean        # ... + sigma_t eps (line 3: eps = 0 at t = 1)
+        return x.clamp(-1, 1)                                                     # line 9: return x_0
 
     def timesteps(self, steps=None):
         """The kept timesteps, descending: T-1 first, 0 last, evenly spaced (respacing as in
@@ -225,7 +227,7 @@ class Diffusion(nn.Module):
         return abar.sqrt() * x_t - (1 - abar).sqrt() * out        # x0 = sqrt(abar) x_t - sqrt(1-abar) v
 
 # -----------------------------------------------------------------------------
-# line 7 of Algorithm 2, and what stands beside it (the sampler options the paper does not have)
+# what can replace line 7 of Algorithm 2 (sampler options the paper does not have)
 
 
 def x0_from_eps(x_t, eps_hat, abar):
@@ -233,16 +235,6 @@ def x0_from_eps(x_t, eps_hat, abar):
     float, or a tensor broadcastable to x_t)."""
     sqrt = math.sqrt if isinstance(abar, float) else torch.sqrt
     return (x_t - sqrt(1 - abar) * eps_hat) / sqrt(abar)
-
-
-def ddpm_update(x, eps_hat, noise, abar, abar_prev, var="large"):
-    """Alg. 2 line 7: x_{t-1} = (x_t - (1 - alpha_t) / sqrt(1 - abar_t) eps_hat) / sqrt(alpha_t)
-    + sigma_t eps, with eps = 0 at the last step (line 3). sigma_t^2 = beta_t or beta_tilde_t."""
-    alpha = abar / abar_prev
-    mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)
-    if abar_prev == 1.0:
-        return mean
-    return mean + math.sqrt(1 - alpha if var == "large" else posterior(abar, abar_prev)[2]) * noise
 
 
 def clipped_update(x, eps_hat, noise, abar, abar_prev, var="large"):
@@ -314,29 +306,6 @@ def ema_update(ema_params, params, decay):
     """ema = lerp(ema, p, 1 - decay) for all parameters in one foreach kernel."""
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
-
-def train_loop(model, diffusion, draw, max_steps, lr, warmup=0, grad_clip=1.0, loss_args=lambda step: {},
-               before_step=None, label=""):
-    """The small experiments' training loop (toy.py, beyond/), in one process on the CPU: each step
-    a batch x0 = draw(), before_step(step, optimizer) if given, then train_step with
-    loss_args(step); the learning rate warms up linearly over `warmup` steps and decays to 0 on a
-    cosine. (train.py has its own loop: checkpoints, EMA, DDP, signals.) Progress every 10%.
-    Returns (the mean loss of the last 10% of steps, ms per step)."""
-    optimizer = make_optimizer(model, lr, "cpu")
-    losses, every, t0 = [], max(1, max_steps // 10), time.time()
-    for step in range(max_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * step / max_steps))
-        x0 = draw()
-        if before_step:
-            before_step(step, optimizer)
-        losses.append(train_step(model, diffusion, optimizer, x0, grad_clip, **loss_args(step)).item())
-        if (step + 1) % every == 0 and step + 1 < max_steps:
-            s = time.time() - t0
-            print(f"  {label}step {step + 1}/{max_steps}, loss {sum(losses[-every:]) / every:.4f}, "
-                  f"{1000 * s / (step + 1):.0f} ms/step, ETA {fmt_time(s / (step + 1) * (max_steps - step - 1))}",
-                  flush=True)
-    return sum(losses[-every:]) / every, 1000 * (time.time() - t0) / max_steps
 
 # -----------------------------------------------------------------------------
 # the caveat, measured: does the model use its latent?

@@ -13,7 +13,6 @@ against the true mixture. Every flag and output path is checked before training.
     python toy.py                          # T=1000, respaced to 1000/100/20/10/5 steps (4-7 min, 1 core)
     python toy.py --T 10 --steps 10,5      # train a 10-step chain directly
     python toy.py --seeds 3 --json out.json --png out.png
-    python -m beyond.toy --models vanilla,smd,iwae   # beyond the paper: the IWAE bound, categorical mixtures
 """
 
 import math
@@ -25,10 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-import cli
-import data
-import gmm
 import smd
+from machinery import cli, data, gmm
+from machinery.loop import train_loop
 from unet import matched_width, n_params
 
 PROG = "toy.py"
@@ -94,10 +92,10 @@ class Denoiser(nn.Module):
         return nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 2))
 
     def forward(self, x, t, eta=None):
-        return self.out(self.trunk(x, t, eta)[0])
+        return self.out(self.trunk(x, t, eta))
 
     def trunk(self, x, t, eta=None):
-        """(last features, time embedding)."""
+        """The last features, before the output layer."""
         tu, inv = torch.unique(t, return_inverse=True)      # sampling has one t per batch: embed it once
         e = self.time(smd.timestep_embedding(tu * self.t_scale, self.temb_dim))
         te, e = self.tproj(e)[inv], e[inv]
@@ -106,7 +104,7 @@ class Denoiser(nn.Module):
         mods = self.soft_mixture(eta, h, e) if self.soft_mixture is not None else [None] * len(self.blocks)
         for norm, lin, mod in zip(self.norms, self.blocks, mods):
             h = h + lin(F.silu(smd.modulate(norm(h), mod)))
-        return h, e
+        return h
 
 
 def eta_zero(model, n):
@@ -117,47 +115,47 @@ def eta_zero(model, n):
 # the models, with parameter counts matched by width, and their training
 
 
-def model_specs(args, extra=None):
-    """{name: spec} for the models in args.models: vanilla and SMD (Algorithm 1), and those of
-    `extra` {name in args.models: spec_of(args)} (beyond/toy.py). A spec is a dict: make(width)
-    -> model, the diffusion (its loss is the training objective), loss_args(step) -> the loss's
-    keyword arguments, and var, the sampling variances (None: --var). With --match-params (the
-    default) each model's width is the one whose parameter count is closest to the largest of
-    the models at --ch (unet.matched_width)."""
-    makers = {"vanilla": lambda a: dict(make=lambda w: Denoiser(w, a.depth, 0, a.T)),
-              "smd": lambda a: dict(make=lambda w: Denoiser(w, a.depth, a.latent_dim, a.T, mix_hidden=a.mix_hidden)),
-              **(extra or {})}
-    specs = {}
-    for key in args.models:
-        spec = {"diffusion": smd.Diffusion(args.T), "loss_args": lambda step: {}, "var": None, **makers[key](args)}
-        specs[spec.pop("name", "SMD" if key == "smd" else key)] = spec
+def model_specs(args):
+    """{name: spec} of the models in --models, vanilla and SMD, with their widths matched. A spec
+    is a dict: make(width) -> model, chain() -> its diffusion (whose loss is the training
+    objective), var: the sampling variances (None: --var)."""
+    makers = {"vanilla": lambda w: Denoiser(w, args.depth, 0, args.T),
+              "SMD": lambda w: Denoiser(w, args.depth, args.latent_dim, args.T, mix_hidden=args.mix_hidden)}
+    names = {"vanilla": "vanilla", "smd": "SMD"}
+    return match_widths({names[m]: dict(make=makers[names[m]], chain=lambda: smd.Diffusion(args.T), var=None)
+                         for m in args.models}, args)
+
+
+def match_widths(specs, args):
+    """With --match-params (the default) each model's width is the one whose parameter count is
+    closest to the largest of the models at --ch (unet.matched_width); else --ch."""
     target = max(n_params(spec["make"](args.ch)) for spec in specs.values())
     for spec in specs.values():
         spec["width"] = matched_width(target, spec["make"]) if args.match_params else args.ch
     return specs
 
 
-def train(model, spec, args):
-    """smd.train_loop on fresh batches of the mixture: AdamW, a cosine learning-rate decay, no
-    warm-up and no gradient clipping. Returns the mean loss of the last 10% of steps."""
+def train(model, diffusion, args):
+    """machinery.loop.train_loop on fresh batches of the mixture: AdamW, a cosine learning-rate
+    decay, no warm-up and no gradient clipping. Returns the mean loss of the last 10% of steps."""
     draw = lambda: DATA.sample(args.batch_size).float()
-    return smd.train_loop(model, spec["diffusion"], draw, args.max_steps, args.lr, warmup=0, grad_clip=0.0,
-                          loss_args=spec["loss_args"])[0]
+    return train_loop(model, diffusion, draw, args.max_steps, args.lr, warmup=0, grad_clip=0.0)[0]
 
 # -----------------------------------------------------------------------------
 # one seed: train, sample everything, score everything
 
 
 def run(args, seed, specs):
-    """Train every model from the same seed (same init stream, same batches: common random
-    numbers), then sample and score them and both references at every step count."""
+    """Train every model from the global seed `seed` (their widths differ, so their initial
+    weights and batches are not the same draws), then sample and score them and both references
+    at every step count, each from the same generator: the same x_T and noise for every model."""
     steps_list = args.steps
     models, info = {}, {}
     for name, spec in specs.items():
         torch.manual_seed(seed)
-        model, diffusion = spec["make"](spec["width"]), spec["diffusion"]
+        model, diffusion = spec["make"](spec["width"]), spec["chain"]()
         t0 = time.time()
-        final_loss = train(model, spec, args)
+        final_loss = train(model, diffusion, args)
         model.eval()
         info[name] = dict(params=n_params(model), loss=final_loss, train_s=time.time() - t0,
                           eta_sensitivity=smd.eta_sensitivity(model, diffusion, DATA.sample(1000).float())[0]
@@ -200,7 +198,8 @@ KEYS = ["nll", "precision", "coverage", "tv", "spread"]
 
 
 def aggregate(per_seed):
-    """mean and std over seeds, row by row (rows come in the same order for every seed)."""
+    """Mean and std over seeds, row by row (rows come in the same order for every seed); the std
+    is the population std (ddof = 0), not the standard error."""
     out = []
     for rs in zip(*per_seed):
         r = {k: rs[0][k] for k in ("model", "var", "steps")}
@@ -256,16 +255,15 @@ def figure(rows, path, px=96, pad=4, left=150, top=20):
     img.save(path, optimize=True)
 
 
-def get_parser(models=("vanilla", "smd")):
-    """toy.py's flags; beyond/toy.py adds its models' names to `models` and its own flags."""
+def get_parser():
     p = cli.Parser(__doc__, prog=PROG)
     p.add_argument("--T", type=cli.int_at_least(2, "a chain needs 2 steps"), default=1000, help="training chain length")
     p.add_argument("--steps", type=cli.positive_ints, default=[1000, 100, 20, 10, 5],
                    help="sampling step counts, each in [2, T]")
     p.add_argument("--var", type=cli.choices_list(["large", "small"]), default=["large", "small"],
                    help="sampling variances: sigma^2 = beta (large) and/or beta_tilde (small)")
-    p.add_argument("--models", type=cli.choices_list(models), default=["vanilla", "smd"],
-                   help=f"comma-separated, of: {', '.join(models)}")
+    p.add_argument("--models", type=cli.choices_list(["vanilla", "smd"]), default=["vanilla", "smd"],
+                   help="comma-separated, of: vanilla, smd")
     p.add_argument("--ch", type=cli.positive_int, default=96, help="the MLP's width (then matched: --no-match-params)")
     p.add_argument("--depth", type=cli.positive_int, default=3, help="residual blocks")
     p.add_argument("--latent-dim", type=cli.positive_int, default=4, help="SMD: size of eta and z_t")
@@ -278,7 +276,8 @@ def get_parser(models=("vanilla", "smd")):
     p.add_argument("--n", type=cli.int_at_least(2, "samples per evaluation"), default=10000,
                    help="samples per model and step count")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="the first seed")
-    p.add_argument("--seeds", type=cli.positive_int, default=1, help="seeds, from --seed on (mean and std reported)")
+    p.add_argument("--seeds", type=cli.positive_int, default=1,
+                   help="seeds, from --seed on (mean and population std reported)")
     cli.add_machine_flags(p, gpu=False)
     p.add_argument("--json", default="", help="write the results here ('': nowhere)")
     p.add_argument("--png", default="toy.png", help="write the figure here (first seed; '': none)")
@@ -286,10 +285,8 @@ def get_parser(models=("vanilla", "smd")):
     return p
 
 
-def main(argv=None, parser=None, extra=None):
-    """Check every flag and output path, run every seed, print the table, write JSON and figure.
-    beyond/toy.py passes its parser and `extra` model specs (see model_specs)."""
-    parser = parser or get_parser()
+def parse_args(parser, argv=None):
+    """The flags, with the step counts and the output paths checked before any work."""
     args = parser.parse_args(argv)
     bad_steps = [s for s in args.steps if not 2 <= s <= args.T]
     if bad_steps:
@@ -297,9 +294,13 @@ def main(argv=None, parser=None, extra=None):
                               f"steps")
     cli.output_file(parser.prog, args.json, "--json", args.force, (".json",))
     cli.output_file(parser.prog, args.png, "--png", args.force, (".png",))
+    return args
+
+
+def experiment(args, specs):
+    """Run every seed, print the table, write the JSON and the figure."""
     cli.set_threads(args.threads)
-    t0, specs = time.time(), model_specs(args, extra)
-    per_seed, infos, first = [], [], None
+    t0, per_seed, infos, first = time.time(), [], [], None
     for seed in range(args.seed, args.seed + args.seeds):
         rows, info = run(args, seed, specs)
         first = first or rows
@@ -309,10 +310,18 @@ def main(argv=None, parser=None, extra=None):
     print(table(rows))
     print(f"total {time.time() - t0:.0f}s")
     if args.json:
-        result = dict(config=vars(args), models=infos, rows=rows, seconds=time.time() - t0)
+        result = dict(config=vars(args), std="population std over seeds (ddof = 0)", models=infos, rows=rows,
+                      seconds=time.time() - t0)
         data.save_json(result, args.json)
+        print(f"wrote {args.json}")
     if args.png:   # last: a bad path costs no results
         figure(first, args.png)
+        print(f"wrote {args.png}: the first seed's samples")
+
+
+def main(argv=None):
+    args = parse_args(get_parser(), argv)
+    experiment(args, model_specs(args))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ UNet(UNetConfig()) is DDPM's CIFAR-10 network (ch=128, ch_mult (1,2,2,2), 2 ResB
 level, attention at 16x16 and in the middle, dropout 0.1): 35,746,307 parameters.
 UNetConfig(smd=True) adds an smd.SoftMixture: the pooled encoder bottleneck feeds g_xi, and
 f_phi's (scale, shift) modulate the GroupNorm before the second conv of every middle and
-decoder ResBlock (Eq. 11: theta_hat = theta u f_phi(z_t, t)). Where to look: ResBlock.forward
-(modulate) and UNet.trunk (the soft mixture is called once per forward pass).
+decoder ResBlock (Eq. 11: theta_hat = theta u f_phi(z_t, t)). Where to look: UNet.forward (the soft
+mixture is called once per pass) and ResBlock.forward (modulate).
 
     python unet.py              # parameter counts of the CIFAR-10 models, and the matched control
 """
@@ -164,11 +164,22 @@ class UNet(nn.Module):
         return out
 
     def forward(self, x, t, eta=None):
-        """eps_hat(x_t, t, eta): Alg. 1 lines 6-7 (Alg. 2 lines 5-6) happen in `trunk`."""
-        return self.out(self.trunk(x, t, eta)[0])
+        """eps_hat(x_t, t, eta). For SMD, Alg. 1 lines 6-7 (Alg. 2 lines 5-6) run here, once per pass:
+        g_xi sees eta, the pooled bottleneck and the time embedding; f_phi's (scale, shift) go to
+        the middle and decoder blocks."""
+        hs, temb = self.encode(x, t)
+        mods = {}                                           # layer index in mid + up -> (scale, shift)
+        if self.soft_mixture is not None:
+            if eta is None:
+                raise ValueError("an SMD U-Net needs eta ~ N(0, I) of shape (B, latent_dim): "
+                                 "smd.Diffusion draws it (Alg. 1 line 5, Alg. 2 line 4)")
+            pooled = hs[-1].float().mean((2, 3)).to(temb.dtype)                     # the pooled x_t features
+            mods = dict(zip(self.modulated, self.soft_mixture(eta, pooled, temb)))   # z_t, then f_phi(z_t, t)
+        return self.out(self.decode(hs, temb, mods))
 
-    def trunk(self, x, t, eta=None):
-        """The U-Net up to its output layer: (last features, pooled bottleneck, time embedding)."""
+    def encode(self, x, t):
+        """(the encoder's outputs, which the decoder takes as skips, the last being the bottleneck;
+        the time embedding)."""
         if x.shape[1:] != (self.channels, self.image_size, self.image_size):
             raise ValueError(f"input of shape {tuple(x.shape)}, this UNet takes "
                              f"(B, {self.channels}, {self.image_size}, {self.image_size})")
@@ -176,20 +187,18 @@ class UNet(nn.Module):
         hs = [self.conv_in(x)]
         for layer in self.down:
             hs.append(layer(hs[-1], temb))
-        h = hs[-1]
-        pooled = h.float().mean((2, 3)).to(temb.dtype)      # the pooled x_t features g_xi sees
-        mods = {}                                           # layer index in mid + up -> (scale, shift)
-        if self.soft_mixture is not None:
-            if eta is None:
-                raise ValueError("an SMD U-Net needs eta ~ N(0, I) of shape (B, latent_dim): "
-                                 "smd.Diffusion draws it (Alg. 1 line 5, Alg. 2 line 4)")
-            mods = dict(zip(self.modulated, self.soft_mixture(eta, pooled, temb)))   # z_t, then f_phi(z_t, t)
+        return hs, temb
+
+    def decode(self, hs, temb, mods=None):
+        """The middle and decoder blocks on the encoder's outputs hs (each decoder block eats one
+        skip); mods: {layer index in mid + up: (scale, shift)}, SMD's modulation. The last features."""
+        h, hs, mods = hs[-1], list(hs), mods or {}
         for i, layer in enumerate([*self.mid, *self.up]):
             if isinstance(layer, Upsample):
                 h = layer(h)
             else:                                           # decoder blocks eat one skip each
                 h = layer(h if i < len(self.mid) else torch.cat([h, hs.pop()], 1), temb, mods.get(i))
-        return h, pooled, temb
+        return h
 
 
 def n_params(model):

@@ -28,6 +28,7 @@ N(eps_hat_k; 0, I) (CategoricalDiffusion.mixture).
   CategoricalConfig, CategoricalUNet   the U-Net with K outputs and a head for the logits
   CategoricalDiffusion                 `mixture` (x0_hat_k, log pi), `loss` (the exact mixture NLL),
                                        `sample` (k ~ pi), `split_blends`
+  AnnealedDiffusion                    the same, its loss annealed with the training step
   add_flags, make_diffusion, train_loop   the flags, chains and training of templates and fashion
 
     python -m beyond.train --dataset fashion-mnist --components 10 --learned-var --anneal 1e6 --T 5
@@ -43,9 +44,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
-import smd
-from smd import Diffusion, ddpm_update, mlp, posterior
+from machinery import cli
+from machinery.loop import train_loop as small_loop
+from smd import Diffusion, mlp, posterior
 from unet import UNet, UNetConfig, norm
 
 
@@ -81,8 +82,9 @@ class CategoricalUNet(UNet):
                              nn.Conv2d(ch, self.channels * self.config.components, 3, padding=1))
 
     def forward(self, x, t, eta=None):
-        h, pooled, temb = self.trunk(x, t)
-        K = self.components
+        hs, temb = self.encode(x, t)
+        K, pooled = self.components, hs[-1].float().mean((2, 3)).to(temb.dtype)   # as UNet.forward pools for g_xi
+        h = self.decode(hs, temb)
         head = self.head(torch.cat([pooled, temb], 1)).float()
         out = self.out(h).view(x.shape[0], K, self.channels, self.image_size, self.image_size)
         return out, head[:, :K], head[:, K:] if self.config.learned_var else None
@@ -279,17 +281,34 @@ class CategoricalDiffusion(Diffusion):
                 mean_step = True
                 x0 = self.mixture_mean(x0_k, log_pi).to(x.dtype)
             eps_hat = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
-            if var_logits is None or update is not None:
-                x = (update or (lambda *a: ddpm_update(*a, var=var)))(x, eps_hat, noise, abar, abar_prev)
+            if update is not None:
+                x = update(x, eps_hat, noise, abar, abar_prev)
                 continue
             alpha = abar / abar_prev
+            mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)   # Alg. 2 line 7's mean
+            if var_logits is None:                                                         # ... + sigma_t eps
+                s2 = 1 - alpha if var == "large" else posterior(abar, abar_prev)[2]
+                x = mean + math.sqrt(s2) * noise if abar_prev < 1 else mean
+                continue
             beta_tilde = posterior(abar, abar_prev)[2] if abar_prev < 1 else beta_tilde   # last step: the one before's
             f = torch.sigmoid(var_logits.to(x.dtype))
             f = (log_pi.exp().to(x.dtype) * f).sum(1) if mean_step else f[rows, k]
             log_s2 = math.log(beta_tilde) + f * (math.log(1 - alpha) - math.log(beta_tilde))
-            mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)   # Alg. 2 line 7's mean
             x = mean + (0.5 * log_s2).exp().view(-1, *[1] * (x.dim() - 1)) * noise
         return x.clamp(-1, 1)
+
+
+class AnnealedDiffusion(CategoricalDiffusion):
+    """CategoricalDiffusion whose loss anneals the responsibilities' temperature over training,
+    tau0 -> 1 (`temperature`): it counts its own calls, one per training step, from `step`."""
+
+    def __init__(self, T=1000, schedule="linear", objective="eps", tau0=1.0, total=1, step=0, **kw):
+        super().__init__(T, schedule, objective, **kw)
+        self.tau0, self.total, self.step = tau0, total, step
+
+    def loss(self, model, x0, eta_samples=1):   # eta_samples: train.py's argument, always 1 here
+        self.step += 1
+        return super().loss(model, x0, tau=temperature(self.step - 1, self.total, self.tau0))
 
 
 TEMPERATURE = cli.float_at_least(1.0, "a starting temperature; 1: no annealing")   # --anneal's type
@@ -324,7 +343,7 @@ def make_diffusion(cfg, T, objective, args):
 
 
 def train_loop(model, diffusion, draw, args, label=""):
-    """templates' and fashion's training, the same for every model: smd.train_loop (Algorithm 1,
+    """templates' and fashion's training, the same for every model: machinery.loop (Algorithm 1,
     grad clip 1, AdamW, a 5% linear warm-up, cosine decay) on args.batch_size examples
     draw(n, generator) a step from a generator seeded args.seed (the same batches for every
     model); a categorical model's responsibilities annealed (`temperature`, args.anneal) and,
@@ -335,9 +354,9 @@ def train_loop(model, diffusion, draw, args, label=""):
     anneal = isinstance(diffusion, CategoricalDiffusion)
     split = lambda step, opt: split_if_due(model, diffusion, opt, step, args.max_steps, lambda n: draw(n, splits),
                                            f"{label}: ")
-    return smd.train_loop(model, diffusion, lambda: draw(args.batch_size, batches), args.max_steps, args.lr,
-                          warmup=args.max_steps // 20, before_step=split if args.split else None, label=f"{label}: ",
-                          loss_args=tau if anneal else lambda step: {})
+    return small_loop(model, diffusion, lambda: draw(args.batch_size, batches), args.max_steps, args.lr,
+                      warmup=args.max_steps // 20, before_step=split if args.split else None, label=f"{label}: ",
+                      loss_args=tau if anneal else lambda step: {})
 
 
 def split_if_due(model, diffusion, optimizer, step, total, draw, label="", frac=0.5):

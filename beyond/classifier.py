@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
+from machinery import data
 
 CONFIDENT, SHARE = 0.9, 0.25
 
@@ -136,7 +136,7 @@ def load_samples(path, size=16):
 
 
 def main(argv=None):
-    import cli
+    from machinery import cli
     p = cli.Parser(__doc__, prog="python -m beyond.classifier")
     p.add_argument("npz", nargs="+", help="sample files: uint8 NHWC under 'images' (sample.py --npz)")
     p.add_argument("--steps", type=cli.positive_int, default=2000, help="classifier training steps (batch 128)")

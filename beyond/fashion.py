@@ -57,11 +57,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-import cli
-import data
 import fid
-import inception
 import smd
+from machinery import cli, data, inception
 from beyond.categorical import CategoricalConfig, CategoricalUNet, add_flags, make_diffusion, train_loop
 from beyond.classifier import class_metrics, classify, load_split, to_model, train_classifier
 from unet import UNet, UNetConfig, matched_width, n_params

@@ -32,10 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import cli
-import data
-import gmm
 import smd
+from machinery import cli, data, gmm
 from beyond.categorical import (CategoricalConfig, CategoricalDiffusion, CategoricalUNet, add_flags, make_diffusion,
                                 train_loop)
 from unet import UNet, UNetConfig, matched_width, n_params

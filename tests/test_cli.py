@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-import cli
+from machinery import cli
 
 # each script's module and how its --help is asked for
-SCRIPTS = ["train", "sample", "fid", "toy", "bench", "gpu_check", "beyond.train", "beyond.toy", "beyond.templates",
+SCRIPTS = ["train", "sample", "fid", "toy", "machinery.bench", "machinery.gpu_check", "beyond.train", "beyond.toy", "beyond.templates",
            "beyond.fashion", "beyond.classifier"]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import bench
+from machinery import bench
 import smd
 from conftest import ENV, ROOT, TINY, tiny_config
 from unet import UNet
@@ -112,7 +112,7 @@ def test_train_and_sample_with_cuda_defaults(tmp_path, cifar_dir):
 
 def test_bench_on_cuda(tmp_path):
     """The FID timing with random weights: the real ones need not be on the GPU machine."""
-    log = script("bench.py", "--config", "tiny", "--batch-size", "8", "--sample-batch-size", "8", "--warmup-iters",
+    log = script("-m", "machinery.bench", "--config", "tiny", "--batch-size", "8", "--sample-batch-size", "8", "--warmup-iters",
                  "2", "--repeats", "2", "--iters", "2", "--fid-images", "8", "--fid-batch-size", "8", "--fid-weights",
                  "random", "--json", str(tmp_path / "b.json"))
     result = json.loads((tmp_path / "b.json").read_text())

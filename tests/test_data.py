@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from machinery import data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

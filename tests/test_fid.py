@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 import fid
-import inception
+from machinery import inception
 from conftest import ENV, ROOT
 
 FASHION = "/usr/share/datasets/fashion-mnist"

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gmm import GaussianMixture
+from machinery.gmm import GaussianMixture
 
 
 def grid():

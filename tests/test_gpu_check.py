@@ -1,4 +1,4 @@
-"""gpu_check.py's CPU rehearsal: the command a first GPU session runs, with --tiny, on fake
+"""machinery/gpu_check.py's CPU rehearsal: the one command of a CUDA machine, with --tiny, on fake
 Fashion-MNIST: every part runs and reports (test_cuda's tests skip), the JSON and the one
 Markdown table have their shape; a part past its deadline is killed and recorded while the run
 goes on; the table pastes into a doc between its markers; bad flags are refused in one line."""
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-import gpu_check
+from machinery import gpu_check
 
 PARTS = ["environment", *gpu_check.PARTS]
 
@@ -69,7 +69,7 @@ def test_the_tiny_rehearsal_runs_every_part(tmp_path, fashion_dir):
     assert all(r["ms"] > 0 and r["first_s"] > 0 and r["gflops"] > 0 for r in rows)
     train = parts["train"]
     stops = [result for what, result, _ in train["rows"] if what in ("SIGTERM", "resume")]
-    step = int(re.fullmatch(r"stopped at step (\d+) with a checkpoint, exit 0", stops[0]).group(1))
+    step = int(re.fullmatch(r"stopped at step (\d+) with a checkpoint, exit 143", stops[0]).group(1))
     assert step >= gpu_check.TRAIN_WINDOWS     # SIGTERM after that many progress lines; a step may be under way
     assert stops[1] == f"resumed at step {step}, trained to step {step + gpu_check.RESUME_WINDOWS}, exit 0"
     assert train["results"]["img_s"] > 0 and 0 < train["results"]["loss"] < 10
@@ -87,14 +87,15 @@ def test_the_tiny_rehearsal_runs_every_part(tmp_path, fashion_dir):
     for part, what, result, status, device, version, command in rows:
         assert what and result and status.split()[0] == parts[part]["status"], (part, what, status)
         assert device == "CPU" and version == torch.__version__ and re.fullmatch(r"`python \S+\.py .*`|"
-                                                                                 r"`python -m pytest .*`", command)
+                                                                                 r"`python -m (machinery\.bench|machinery\.gpu_check|pytest) .*`",
+                                                                                 command)
     assert "$WORK" in md and report["work"] not in md     # the temporary folder is named once, in the JSON,
     assert not os.path.exists(report["work"])            # and removed at the end
 
 
 def test_the_gpu_sizes_are_flags_the_scripts_take():
     """The tiny rehearsal runs the --tiny flag lists; the GPU's are checked here, by the scripts' parsers."""
-    import bench
+    from machinery import bench
     import sample
     import train
     train.get_parser().parse_args(["--dataset", "fashion-mnist", "--smd", *gpu_check.TRAIN[0]])
@@ -117,7 +118,7 @@ def test_a_part_past_its_deadline_is_killed_and_the_run_goes_on(tmp_path, fashio
 
 def test_sigterm_stops_the_part_and_writes_what_was_measured(tmp_path, fashion_dir):
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "gpu_check.py", "--out", str(out), "--tiny", "--data-dir", fashion_dir,
+    p = subprocess.Popen([sys.executable, "-m", "machinery.gpu_check", "--out", str(out), "--tiny", "--data-dir", fashion_dir,
                           "--parts", "bench"], cwd=gpu_check.ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert "bench (until" in next(line for line in p.stdout if "bench (until" in line)   # the part has started
@@ -159,7 +160,7 @@ def test_the_table_goes_into_a_doc_between_its_markers(tmp_path, capsys):
 
 
 BAD_FLAGS = [  # (argv, {t} standing for a temporary folder; what the one line says)
-    ([], "give --out DIR .* or --table JSON"),
+    ([], r"give --out DIR \(a run\) or --table JSON \(the table of a run\)$"),
     (["--out", "{t}", "--table", "{t}/f"], "not both"),
     (["--out", "{t}", "--into", "{t}/f"], "--into DOC goes with --table JSON"),
     (["--out", "{t}", "--parts", "bench,gpu"], "--parts: 'bench,gpu': use a comma-separated list of bench, train"),
@@ -181,7 +182,7 @@ def test_bad_flags_are_refused_in_one_line(argv, message, tmp_path, capsys, monk
     with pytest.raises(SystemExit) as e:
         gpu_check.main([a.format(t=tmp_path) for a in argv])
     out, err = capsys.readouterr()
-    assert e.value.code == 2 and out == "" and err.count("\n") == 1 and err.startswith("gpu_check.py: "), err
+    assert e.value.code == 2 and out == "" and err.count("\n") == 1 and err.startswith("python -m machinery.gpu_check: "), err
     assert re.search(message, err), err
 
 
@@ -189,5 +190,5 @@ def test_help_shows_the_budgets(capsys):
     with pytest.raises(SystemExit) as e:
         gpu_check.main(["--help"])
     help = " ".join(capsys.readouterr().out.split())
-    assert e.value.code == 0 and "python gpu_check.py --out $OUT" in help
+    assert e.value.code == 0 and "python -m machinery.gpu_check --out gc" in help
     assert "(seconds on a GPU: bench 170, train 120, sample 60, fid 25, test_cuda 105) (default: 1.0)" in help

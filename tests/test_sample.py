@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import sample
-from checkpoint import load_checkpoint
-import pretrained
+from machinery.checkpoint import load_checkpoint
+from machinery import pretrained
 from conftest import SMALL_CONFIG, diffusers_model, save_hub_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -167,13 +167,21 @@ def test_ddim_matches_diffusers(ddim_eta):
     torch.testing.assert_close(ours, x.clamp(-1, 1), atol=2e-4, rtol=0)
 
 
+def line_7(x, eps_hat, noise, abar, abar_prev, var="large"):
+    """Alg. 2 line 7 written out: (x_t - (1 - alpha) / sqrt(1 - abar) eps_hat) / sqrt(alpha) + sigma eps."""
+    alpha = abar / abar_prev
+    sigma2 = (1 - alpha) * ((1 - abar_prev) / (1 - abar) if var == "small" else 1.0)
+    return (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha) + math.sqrt(sigma2) * noise
+
+
 def test_clipped_update_is_line_7_when_nothing_is_clipped():
     x, eps = torch.randn(16, 4, dtype=torch.float64) * 0.1, torch.randn(16, 4, dtype=torch.float64) * 0.1
     noise = torch.randn(16, 4, dtype=torch.float64)
-    for a, ap, var in [(ABAR[10], ABAR[5], "large"), (ABAR[10], ABAR[5], "small"), (ABAR[3], 1.0, "large")]:
-        torch.testing.assert_close(smd.ddpm_update(x, eps, noise, a, ap, var), smd.clipped_update(x, eps, noise, a, ap, var))
+    for a, ap, var in [(ABAR[10], ABAR[5], "large"), (ABAR[10], ABAR[5], "small")]:
+        torch.testing.assert_close(line_7(x, eps, noise, a, ap, var), smd.clipped_update(x, eps, noise, a, ap, var))
+    torch.testing.assert_close(line_7(x, eps, 0 * noise, ABAR[3], 1.0), smd.clipped_update(x, eps, noise, ABAR[3], 1.0))
     big = torch.full((2, 4), 3.0, dtype=torch.float64)   # x0_hat far outside [-1, 1]: the clipped mean differs
-    assert not torch.allclose(smd.ddpm_update(big, 0 * big, 0 * big, ABAR[10], ABAR[5]),
+    assert not torch.allclose(line_7(big, 0 * big, 0 * big, ABAR[10], ABAR[5]),
                               smd.clipped_update(big, 0 * big, 0 * big, ABAR[10], ABAR[5]))
 
 

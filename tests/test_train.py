@@ -16,8 +16,10 @@ import pytest
 import torch
 import torchvision
 
-import checkpoint
-import data
+from machinery import checkpoint
+from machinery import run as run_module
+from machinery.run import check_args
+from machinery import data
 import smd
 import train
 from conftest import ENV, SMALL_CONFIG, ROOT, TINY, diffusers_model, save_hub_files, write_cifar10
@@ -229,7 +231,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cifar_dir, monk
 def test_killed_writer_leaves_old_checkpoint(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     checkpoint.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
-    child = ("import sys, time, torch, checkpoint\n"
+    child = ("import sys, time, torch\nfrom machinery import checkpoint\n"
              "def stuck(obj, f):\n"
              "    f.write(b'half a checkpoint'); f.flush(); print('writing', flush=True); time.sleep(60)\n"
              "torch.save = stuck\n"
@@ -254,7 +256,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, cifar_dir):
             p.send_signal(signal.SIGINT)
             break
     out = p.communicate(timeout=120)[0]
-    assert p.returncode == 0 and "saved" in out, out
+    assert p.returncode == 130 and "saved" in out, out   # 130: stopped by Ctrl-C, not finished
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert 2 <= ckpt["step"] < 100000
 
@@ -297,8 +299,8 @@ def test_ddp_gloo_sigterm_to_one_rank_then_resume_is_exact(tmp_path, cifar_dir):
         if line.startswith("step 2/"):
             os.kill(rank_pids(first.pid)[1], signal.SIGTERM)
             break
-    out = line + first.communicate(timeout=300)[0]
-    assert first.returncode == 0 and "stopped by SIGTERM" in out, out
+    out = line + first.communicate(timeout=300)[0]   # both ranks exit 143 (torchrun itself 1, naming it)
+    assert first.returncode != 0 and "stopped by SIGTERM" in out and "exitcode  : 143" in out, out
     ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert 2 <= ckpt["step"] < 12 and len(ckpt["rng"]) == 2, ckpt["step"]
     assert sorted(os.listdir(tmp_path / "b")) == [".lock", "ckpt.pt", "log.txt"]   # one checkpoint, one log
@@ -338,7 +340,7 @@ def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, says):
 def test_a_short_chain_needs_no_sampling_flags():
     """--T 5 alone passes every check: the in-run grids sample min(100, T) steps."""
     parser = train.get_parser()
-    train.check_args(parser.parse_args(["--T", "5"]), parser, train.UNet)
+    check_args(parser.parse_args(["--T", "5"]), parser, train.UNet)
 
 
 def test_resume_checks_stored_flags_and_finished_runs(tmp_path, cifar_dir, capsys):
@@ -375,27 +377,71 @@ def test_one_run_per_out_dir(tmp_path, cifar_dir):
     assert "already at step" in third.stderr or third.returncode in (0, 2), third.stderr   # the lock is free again
 
 
-def test_full_disk_keeps_the_last_checkpoint(tmp_path, cifar_dir, monkeypatch, capsys):
-    """A checkpoint write that fails (ENOSPC from the writer) leaves the previous checkpoint and
-    no partial file, says how much space a checkpoint needs, and --resume works afterwards."""
-    common = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--ckpt-every", "2"]
-    real_save = torch.save
+def test_a_failed_save_keeps_the_run(tmp_path, cifar_dir, monkeypatch, capsys):
+    """Checkpoint writes that fail (ENOSPC from the writer, at steps 2, 4 and 6, then twice more at
+    the end) leave no partial file, say what happened and how much space a checkpoint needs, and
+    lose no step: training goes on, the last checkpoint is retried until it is written, and its
+    weights equal an undisturbed run's."""
+    common = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--ckpt-every", "2", "--max-steps", "6"]
+    undisturbed = run(tmp_path / "a", *common)
+    real_save, failures = torch.save, []
 
     def full_disk(obj, f, *a, **k):
-        if obj.get("step") == 4:
+        if obj.get("step", 0) >= 2 and len(failures) < 5:
+            failures.append(obj["step"])
             f.write(b"x" * 1000)
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(SystemExit) as e:
-        run(tmp_path / "out", *common, "--max-steps", "6")
-    assert e.value.code == 1
+    monkeypatch.setattr(run_module, "RETRY_S", 0.01)
+    r = run(tmp_path / "b", *common)
     out = capsys.readouterr().out
-    assert "No space left on device" in out and "the checkpoint of step 2 is intact" in out and "MiB" in out
-    assert sorted(os.listdir(tmp_path / "out")) == [".lock", "ckpt.pt", "log.txt"]
+    assert failures == [2, 4, 6, 6, 6] and r["step"] == 6
+    assert out.count("could not write") == 5 and "No space left on device" in out and "MiB" in out
+    assert "the checkpoint of step 1 is intact; training goes on and the next save tries again" in out   # the first
+    # checkpoint is written at the first log step (TINY logs every step), then every --ckpt-every steps
+    assert "trying again every 0.01 s" in out and "saved" in out.split("could not write")[-1]
+    assert sorted(os.listdir(tmp_path / "b")) == [".lock", "ckpt.pt", "log.txt"]   # no partial file
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert b["step"] == 6 and all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
+    assert all(torch.equal(undisturbed["ema"].state_dict()[n], b["ema"][n]) for n in b["ema"])
+
+
+def test_ctrl_c_while_a_save_waits_gives_up_and_names_what_works(tmp_path, cifar_dir, monkeypatch, capsys):
+    """A checkpoint that cannot be written at the end is retried until a Ctrl-C gives up: exit 130,
+    and the line names the checkpoint that is on disk and the command that continues it."""
+    common = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--ckpt-every", "2", "--max-steps", "4"]
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if obj.get("step") == 4:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(run_module, "RETRY_S", 0.01)
+    monkeypatch.setattr(run_module.time, "sleep", lambda s: signal.raise_signal(signal.SIGINT))   # Ctrl-C while waiting
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "out", *common)
+    out = capsys.readouterr().out
+    assert e.value.code == 130
+    assert f"steps 2-4 are lost; the checkpoint of step 2 is intact: python train.py --resume --out-dir " \
+           f"{tmp_path / 'out'} continues it" in out
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(torch, "save", real_save)
-    assert run(tmp_path / "out", *common, "--max-steps", "6", "--resume")["step"] == 6
+
+
+def test_the_log_holds_a_command_that_reruns_as_written(tmp_path, cifar_dir):
+    """log.txt's second line quotes what needs it (an empty --attn-res, a folder with a space), so the
+    line, run by a shell with --resume added, continues the run."""
+    out = tmp_path / "my run"
+    cmd = [sys.executable, "train.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--out-dir", str(out), *TINY,
+           "--max-steps", "2"]
+    assert subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120).returncode == 0
+    line = (out / "log.txt").read_text().splitlines()[1]
+    assert line.startswith("python train.py ") and "--attn-res ''" in line and f"'{out}'" in line
+    again = line.replace("python", sys.executable, 1) + " --resume --max-steps 3"
+    p = subprocess.run(["bash", "-c", again], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert p.returncode == 0 and "resumed at step 2" in p.stdout and "--resume: --max-steps 2 -> 3" in p.stdout, \
+        p.stdout + p.stderr
 
 
 if __name__ == "__main__":   # torchrun worker: train, then dump this rank's weights

@@ -137,7 +137,7 @@ def test_downsampling_pads_like_tensorflow_same():
 
 
 def test_soft_mixture_sees_the_pooled_bottleneck_and_modulates_norm2():
-    """UNet.trunk feeds g_xi the spatial mean of the encoder's last activations (with eta and the
+    """UNet.forward feeds g_xi the spatial mean of the encoder's last activations (with eta and the
     time embedding), and each modulated ResBlock applies its (scale, shift) right after norm2."""
     model = randomize(tiny(smd=True, latent_dim=8)).eval()
     x, t, eta = torch.randn(2, 3, 32, 32), torch.tensor([3, 700]), torch.randn(2, 8)

@@ -319,7 +319,7 @@ def test_fit_pi_is_bayes_for_point_components():
     the exact posterior over "x_t is m_k noised", gmm.GaussianMixture(m, std=0)'s weights, at
     every step; it holds the fit fixed (no gradient into m through pi); without fit_pi pi stays
     the head's (uniform here)."""
-    import gmm
+    from machinery import gmm
     D, T = 16, 5
     g = torch.Generator().manual_seed(0)
     m = (0.5 * torch.randn(4, D, generator=g, dtype=torch.float64)).requires_grad_()

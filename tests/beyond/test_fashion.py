@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import inception
+from machinery import inception
 from beyond import classifier as fashion_classifier
 from beyond import fashion
 from beyond.categorical import CategoricalDiffusion

@@ -1,5 +1,5 @@
 """
-inception.py -- the FID network: our port of the TF Inception graph `inception-2015-12-05`
+machinery/inception.py -- the FID network: our port of the TF Inception graph `inception-2015-12-05`
 that every published FID uses, its weights, and its pool_3 features of uint8 images.
 
 Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, downloaded once by torch.hub.
@@ -12,7 +12,7 @@ Inputs are handled as in pytorch-fid: uint8 -> [0, 1] -> bilinear resize to 299 
 False) -> [-1, 1], grayscale repeated to RGB. On a GPU, batches travel as uint8 and are resized
 there, in channels_last; the math stays fp32 (TF32 off unless asked for).
 
-    python -c "import inception; m = inception.load_inception(); print(m.source)"
+    python -c "from machinery import inception; m = inception.load_inception(); print(m.source)"
 """
 import contextlib
 import importlib.util
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import fmt_time
+from machinery.cli import fmt_time
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")

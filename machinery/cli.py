@@ -1,5 +1,5 @@
 """
-cli.py -- what the scripts share on the command line: argument checks that fail in one line
+machinery/cli.py -- what the scripts share on the command line: argument checks that fail in one line
 before any work starts, output paths checked by writing to them, the CPU thread count, the CUDA
 defaults, Ctrl-C in one line, and a time format for ETAs.
 
@@ -8,12 +8,13 @@ Every script builds its parser with `Parser`, so a bad flag is one line on stder
 shows every option's default. Checks that need more than one flag call `fail` with the same
 format. No script replaces an existing output file unless given --force (`output_file`).
 
-    python -c "import cli; print(cli.fmt_time(4000))"
+    python -c "from machinery import cli; print(cli.fmt_time(4000))"
 """
 
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import tempfile
 
@@ -63,6 +64,13 @@ def explicit_args(parser, argv):
     finally:
         for a, default in defaults:
             a.default = default
+
+
+def command_line(prog, argv):
+    """The shell line that runs `prog` (a script, or "python -m module") with argv, quoted so that
+    it re-runs as written (empty values, spaces)."""
+    words = prog.split() if prog.startswith("python ") else ["python", prog]
+    return shlex.join([*words, *argv])
 
 
 def fail(prog, message):

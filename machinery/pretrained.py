@@ -1,5 +1,5 @@
 """
-pretrained.py -- start from published DDPM weights in diffusers' format (UNet2DModel).
+machinery/pretrained.py -- start from published DDPM weights in diffusers' format (UNet2DModel).
 
 load(source) returns (UNetConfig, state_dict, description); the state dict has exactly the
 keys of UNet(config) (unet.py), whose outputs then equal diffusers' UNet2DModel's. source is
@@ -7,7 +7,8 @@ a Hugging Face model id (e.g. "google/ddpm-cifar10-32", downloaded once into tor
 cache), a folder holding config.json + diffusion_pytorch_model.bin, or one such .bin file
 (config.json beside it, else google/ddpm-cifar10-32's config is assumed).
 
-    import pretrained, unet
+    import unet
+    from machinery import pretrained
     config, state, desc = pretrained.load("google/ddpm-cifar10-32")
     model = unet.UNet(config); model.load_state_dict(state)
 
@@ -25,7 +26,7 @@ import re
 
 import torch
 
-from unet import UNetConfig, UNet
+from unet import UNet, UNetConfig
 
 HUB_URL = "https://huggingface.co/{model_id}/resolve/main/{filename}"
 CONFIG_FILE = "config.json"
@@ -69,10 +70,10 @@ def download(model_id):
             if not os.path.exists(path):
                 torch.hub.download_url_to_file(url, path)
     except Exception as e:
-        raise RuntimeError(
-            f"could not download {model_id} ({type(e).__name__}: {e}). Fetch by hand:\n"
-            + "".join(f"  {u}\n    -> {p}\n" for u, p in files if not os.path.exists(p))
-            + f"(or give --ckpt path/to/{WEIGHT_FILE}, with its config.json beside it)") from e
+        why = " ".join(str(e).split())[:200]
+        fetch = "; ".join(f"{u} -> {p}" for u, p in files if not os.path.exists(p))
+        raise RuntimeError(f"could not download {model_id} ({type(e).__name__}: {why}); fetch by hand: {fetch}; or pass "
+                           f"the path of a {WEIGHT_FILE} (its {CONFIG_FILE} beside it) instead of the id") from None
     return folder
 
 
@@ -80,9 +81,9 @@ def read_weights(path):
     """A diffusers state dict from a .bin file (torch.load, weights only)."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"{path} is not a readable PyTorch state dict (truncated or corrupt download? "
-                           f"delete it and retry): {type(e).__name__}: {e}") from None
+    except Exception:   # torch's own message would suggest weights_only=False: wrong here, and unsafe
+        raise RuntimeError(f"{path} is not a readable PyTorch state dict ({os.path.getsize(path):,} bytes: a truncated "
+                           f"or corrupt download?): delete it and download it again") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} holds no diffusers state dict (a dict of tensors)")
     return sd

@@ -1,5 +1,5 @@
 """
-data.py -- images in and out: training batches from CIFAR-10, MNIST, Fashion-MNIST or an image
+machinery/data.py -- images in and out: training batches from CIFAR-10, MNIST, Fashion-MNIST or an image
 folder, and generated images to disk (uint8 NHWC grids and .npz files, written atomically).
 
 Named datasets are read from torchvision's on-disk formats under --data-dir (downloaded by
@@ -10,7 +10,7 @@ center-cropped, after every file was decoded once so that a broken one is named 
 starts. train.py draws its batches here; fid.py reads the same images for reference statistics;
 sample.py saves through to_uint8.
 
-    python -c "import data; print(data.load_images('fashion-mnist', 'data').shape)"
+    python -c "from machinery import data; print(data.load_images('fashion-mnist', 'data').shape)"
 """
 
 import gzip
