@@ -4,24 +4,30 @@ sample.py -- draw images from a checkpoint written by train.py (EMA weights by d
     python sample.py --steps 100                             # 64 images, 100 DDPM steps -> samples.png
     python sample.py --n 50000 --batch-size 1000 --npz samples.npz    # paper-style FID input for fid.py
     python sample.py --sampler ddim --steps 50 --grid ddim.png        # DDIM (--ddim-eta 0)
-    python sample.py --sampler ddim --steps 50 --eta fixed            # SMD: deterministic DDIM needs a held eta
+    python sample.py --sampler ddim --steps 50 --eta-mode fixed       # SMD: deterministic DDIM needs a held eta
     python sample.py --ckpt out --no-ema --var small --clip-x0 --seed 1 --grid raw.png   # a run folder: its ckpt.pt
     python sample.py --ckpt google/ddpm-cifar10-32 --clip-x0 --steps 100   # DDPM's published CIFAR-10 weights
-    python sample.py --eta-sensitivity 32                    # SMD: does the model use its latent?
+    python sample.py --eta-sensitivity 64                    # SMD: does the model use its latent?
 
-Every flag and output path is checked before the checkpoint is loaded, and an existing output
-is replaced only with --force. Images are saved as uint8 NHWC, x -> round((x + 1) * 127.5)
-clamped to [0, 255]; the .npz holds them under the key `images` (written first: if the grid
-then fails, the .npz is kept). The same checkpoint, seed and batch size give the same images
-(on CUDA with --compile a last, smaller batch is padded to the batch size so that nothing
-recompiles; its images then differ from an uncompiled run's). For an SMD model Algorithm 2
-draws a fresh eta at every step (--eta fresh), so even DDIM with --ddim-eta 0 is random; --eta
-fixed holds one eta per image for the whole chain (--eta zero: eta = 0), which makes it
-deterministic and answers "does eta change the samples?". --eta-sensitivity N measures, on N
-training images, how much eps_hat moves with eta (0: the latent is unused).
+Every flag and output path is checked before the checkpoint is loaded, an existing output is
+replaced only with --force, and a flag that would change nothing for this checkpoint says so in
+one line. Images are saved as uint8 NHWC, x -> round((x + 1) * 127.5) clamped to [0, 255]; the
+.npz holds them under the key `images` (written first: if the grid then fails, the .npz is kept;
+a run stopped by Ctrl-C writes the images it finished, and a long one rewrites the .npz every
+10 minutes). An --n whose images would not fit in memory is refused before sampling. The same
+checkpoint, seed and batch size give the same images (on CUDA with --compile a last, smaller
+batch is padded to the batch size so that nothing recompiles; its images then differ from an
+uncompiled run's).
+
+For an SMD model Algorithm 2 draws a fresh eta at every step (--eta-mode fresh), so even DDIM
+with --ddim-eta 0 is random; --eta-mode fixed holds one eta per image for the chain (zero: eta =
+0). Every mode sees the same x_T and step noise, so `--eta-mode zero` against the default, at
+one seed, answers "does eta change the samples?": identical images mean an unused latent.
+--eta-sensitivity N measures, on N training images, how much eps_hat moves with eta (0: unused).
 """
 
 import functools
+import os
 import sys
 import time
 
@@ -41,6 +47,9 @@ def step_update(sampler="ddpm", var="large", ddim_eta=0.0, clip_x0=False):
     if sampler == "ddim":
         return functools.partial(smd.ddim_update, ddim_eta=ddim_eta, clip_x0=clip_x0)
     return functools.partial(smd.clipped_update, var=var) if clip_x0 else None
+
+
+SAVE_EVERY_S = 600   # a long run rewrites its .npz this often, so that a killed run keeps most of its images
 
 
 class Progress(torch.nn.Module):
@@ -68,36 +77,46 @@ class Progress(torch.nn.Module):
 
 
 @torch.no_grad()
-def generate(model, diffusion, n, batch_size=256, steps=None, var="large", update=None, eta="fresh", seed=0,
+def generate(model, diffusion, n, batch_size=256, steps=None, var="large", update=None, eta_mode="fresh", seed=0,
              amp=False, progress=True, pad=False):
-    """n images as uint8 NHWC numpy. One generator seeded with `seed` draws every x_T, noise
-    and eta, batch after batch, so the same seed and batch size give the same images. eta:
-    "fresh" (Alg. 2), or "fixed" / "zero" held for the chain (smd.HeldEta). pad: run a last,
-    smaller batch at the full batch size (a compiled model then meets one shape only). The only
-    host sync is the copy of each finished batch."""
+    """n images as uint8 NHWC numpy (see batches)."""
+    images = np.empty((n, model.image_size, model.image_size, model.channels), np.uint8)
+    for start, x in batches(model, diffusion, n, batch_size, steps, var, update, eta_mode, seed, amp, progress, pad):
+        images[start:start + len(x)] = x
+    return images
+
+
+@torch.no_grad()
+def batches(model, diffusion, n, batch_size=256, steps=None, var="large", update=None, eta_mode="fresh", seed=0,
+            amp=False, progress=True, pad=False):
+    """Yields (index of its first image, uint8 NHWC numpy batch) until n images are made. One
+    generator seeded with `seed` draws every x_T, step noise and (fresh) eta, batch after batch,
+    so the same seed and batch size give the same images. eta_mode: "fresh" (Alg. 2), or "fixed"
+    / "zero" held for the chain (smd.HeldEta; a fixed eta comes from a second generator, so every
+    mode sees the same x_T and noise). pad: run a last, smaller batch at the full batch size (a
+    compiled model then meets one shape only). The only host sync is the copy of each batch."""
     device = diffusion.betas.device
-    g = torch.Generator(device).manual_seed(seed)
+    g, g_eta = (torch.Generator(device).manual_seed(s) for s in (seed, seed + 1_000_003))
     shape = (model.channels, model.image_size, model.image_size)
     chain = len(diffusion.timesteps(steps))
     counter = Progress(model, n, chain) if progress else model
-    out, t0 = [], time.time()
+    t0 = time.time()
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         size = batch_size if pad else b
         x_T = torch.randn((size, *shape), device=device, generator=g)
         net = counter
-        if eta != "fresh" and getattr(model, "latent_dim", 0):
+        if eta_mode != "fresh" and getattr(model, "latent_dim", 0):
             held = torch.zeros(size, model.latent_dim, device=device)
-            net = smd.HeldEta(counter, held.normal_(generator=g) if eta == "fixed" else held)
+            net = smd.HeldEta(counter, held.normal_(generator=g_eta) if eta_mode == "fixed" else held)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             x = diffusion.sample(net, (size, *shape), steps, var, generator=g, x_T=x_T, update=update)
-        out.append(to_uint8(x[:b]).cpu().numpy())
+        yield start, to_uint8(x[:b]).cpu().numpy()
         if progress:
             counter.done, counter.calls = start + b, 0
             dt = time.time() - t0
             print(f"{start + b}/{n} images | {(start + b) / dt:.1f} img/s | "
                   f"ETA {cli.fmt_time(dt / (start + b) * (n - start - b))}", flush=True)
-    return np.concatenate(out)
 
 
 def report_eta_sensitivity(model, diffusion, info, device, seed, n=32):
@@ -128,10 +147,10 @@ def get_parser():
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="Algorithm 2 (ddpm) or DDIM")
     p.add_argument("--var", default="large", choices=["large", "small"], help="DDPM: sigma^2 = beta or beta_tilde")
     p.add_argument("--ddim-eta", type=cli.nonneg_float, default=0.0,
-                   help="DDIM's eta (0: deterministic for DDPM models; for SMD add --eta fixed); not SMD's eta")
+                   help="DDIM's eta (0: deterministic for DDPM models; for SMD add --eta-mode fixed); not SMD's eta")
     p.add_argument("--clip-x0", action="store_true",
                    help="step through x0_hat clipped to [-1, 1] (the authors' sampler)")
-    p.add_argument("--eta", default="fresh", choices=["fresh", "fixed", "zero"],
+    p.add_argument("--eta-mode", default="fresh", choices=["fresh", "fixed", "zero"],
                    help="SMD: a fresh eta every step (Alg. 2), one per image for the chain, or eta = 0")
     p.add_argument("--n", type=cli.positive_int, default=64, help="number of images")
     p.add_argument("--batch-size", type=cli.positive_int, default=256, help="images sampled at once")
@@ -158,12 +177,51 @@ def load(args, device):
         cli.fail(PROG, f"--ckpt {args.ckpt}: {e}")
     if args.steps is not None and args.steps > diffusion.T:
         cli.fail(PROG, f"--steps {args.steps}: this checkpoint's chain has only T={diffusion.T} steps")
-    if args.eta != "fresh" and not info["smd"]:
-        print(f"note: --eta {args.eta} has no effect: {args.ckpt} is not an SMD model")
     return model, diffusion, info
 
 
-def write(images, grid, npz):
+def check_memory(args, model):
+    """Refuse an --n whose uint8 images would not fit in the memory available now."""
+    per_image = model.channels * model.image_size**2
+    try:
+        with open("/proc/meminfo") as f:
+            avail = 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if args.n * per_image > 0.8 * avail:
+        cli.fail(PROG, f"--n {args.n}: its images take {args.n * per_image / 2**30:.1f} GiB ({model.image_size}x"
+                       f"{model.image_size}x{model.channels} uint8 each), this machine has {avail / 2**30:.1f} GiB "
+                       f"available: use --n {int(0.8 * avail) // per_image} or less per run (another --seed for more)")
+
+
+def ignored(args, explicit, info, model):
+    """A line for each flag that changes nothing for this checkpoint and sampler."""
+    not_smd = f"{args.ckpt} is not an SMD model"
+    learned = getattr(model, "learns_variance", False)   # a model that sets its own sigma_t (improved DDPM's kind)
+    for flag, why in [("eta_mode", args.eta_mode != "fresh" and not info["smd"] and not_smd),
+                      ("eta_sensitivity", args.eta_sensitivity and not info["smd"] and not_smd),
+                      ("var", "var" in explicit and args.sampler == "ddim" and "DDIM's noise is --ddim-eta's"),
+                      ("var", "var" in explicit and args.sampler == "ddpm" and learned and "the model learns sigma_t"),
+                      ("ddim_eta", "ddim_eta" in explicit and args.sampler == "ddpm" and "it is DDIM's (--sampler ddim)")]:
+        if why:
+            print(f"note: --{flag.replace('_', '-')} has no effect: {why}", flush=True)
+
+
+def header(args, info, diffusion, model, compile_, amp):
+    """The one line that says what is sampled, and how."""
+    start, weights = f" from {info['init']}" if info.get("init") else "", "raw" if args.no_ema else "EMA"
+    origin = (f"published weights ({info['init']})" if info["step"] is None else
+              f"trained {info['step']} steps on {info.get('dataset')}{start}, {weights} weights")
+    kind = info["model_class"].rpartition(".")[2] + (" with SMD" if info["smd"] else "")
+    sampler = ("DDIM" + (f" (ddim_eta {args.ddim_eta})" if args.ddim_eta else "") if args.sampler == "ddim" else
+               "DDPM, sigma^2 learned" if getattr(model, "learns_variance", False) else
+               f"DDPM, sigma^2 {'beta' if args.var == 'large' else 'beta_tilde'}")
+    eta = f", eta {args.eta_mode}" if info["smd"] else ""
+    return (f"{args.ckpt}: {kind} {origin} | {sampler}, {args.steps or diffusion.T} of T={diffusion.T} steps, "
+            f"clip_x0={args.clip_x0}{eta}, seed {args.seed}, n {args.n}, compile={compile_}, bf16={amp}")
+
+
+def write(images, grid, npz, note=""):
     """The .npz first, then the grid; a failed write is reported and the other one kept.
     Returns whether every write succeeded."""
     ok = True
@@ -173,7 +231,7 @@ def write(images, grid, npz):
             continue
         try:
             save(images, path)
-            print(f"wrote {path}: {what}", flush=True)
+            print(f"wrote {path}: {what}{note}", flush=True)
         except OSError as e:
             print(f"{PROG}: could not write {path} ({e.strerror or e})", file=sys.stderr, flush=True)
             ok = False
@@ -181,7 +239,8 @@ def write(images, grid, npz):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args, explicit = parser.parse_args(argv), cli.explicit_args(parser, argv)
     grid = args.grid or (None if args.npz else "samples.png")
     cli.output_file(PROG, grid, "--grid", args.force, IMAGE_FORMATS)
     cli.output_file(PROG, args.npz, "--npz", args.force, (".npz",))
@@ -190,19 +249,24 @@ def main(argv=None):
     compile_, amp = cli.cuda_defaults(device, args.compile, args.amp)
     with cli.one_line_interrupt(PROG):
         model, diffusion, info = load(args, device)
-        start, weights = f" from {info['init']}" if info.get("init") else "", "raw" if args.no_ema else "EMA"
-        origin = (f"published weights ({info['init']})" if info["step"] is None else
-                  f"trained {info['step']} steps on {info.get('dataset')}{start}, {weights} weights")
-        kind = info["model_class"].rpartition(".")[2] + (" with SMD" if info["smd"] else "")
-        sampler = "DDIM" + (f" (ddim_eta {args.ddim_eta})" if args.ddim_eta else "") if args.sampler == "ddim" \
-            else f"DDPM, sigma^2 {'beta' if args.var == 'large' else 'beta_tilde'}"
-        print(f"{args.ckpt}: {kind} {origin} | {sampler}, {args.steps or diffusion.T} of T={diffusion.T} steps, "
-              f"clip_x0={args.clip_x0}, eta {args.eta}, seed {args.seed}, n {args.n}, compile={compile_}, bf16={amp}",
-              flush=True)
+        check_memory(args, model)
+        print(header(args, info, diffusion, model, compile_, amp), flush=True)
+        ignored(args, explicit, info, model)
         net = torch.compile(model) if compile_ else model
         update = step_update(args.sampler, args.var, args.ddim_eta, args.clip_x0)
-        images = generate(net, diffusion, args.n, args.batch_size, args.steps, args.var, update, args.eta, args.seed,
-                          amp, pad=compile_)
+        images = np.empty((args.n, model.image_size, model.image_size, model.channels), np.uint8)
+        done, saved = 0, time.time()
+        try:
+            for start, x in batches(net, diffusion, args.n, args.batch_size, args.steps, args.var, update,
+                                    args.eta_mode, args.seed, amp, pad=compile_):
+                images[start:start + len(x)], done = x, start + len(x)
+                if args.npz and done < args.n and time.time() - saved > SAVE_EVERY_S:   # a killed run keeps these
+                    save_npz(images[:done], args.npz)
+                    saved = time.time()
+        except KeyboardInterrupt:
+            if done and args.npz:
+                write(images[:done], None, args.npz, f" (interrupted: {done} of {args.n} images)")
+            raise
         ok = write(images, grid, args.npz)
         if info["smd"] and args.eta_sensitivity:
             report_eta_sensitivity(model, diffusion, info, device, args.seed, args.eta_sensitivity)

@@ -261,14 +261,14 @@ def ddim_update(x, eps_hat, noise, abar, abar_prev, ddim_eta=0.0, clip_x0=False)
 
 class HeldEta(nn.Module):
     """An SMD model with its eta held for the whole chain, eta (B, latent_dim): one draw per
-    image ("fixed") or zeros ("zero"), where Alg. 2 line 4 draws a fresh one every step. With
-    DDIM at ddim_eta = 0 the chain is then deterministic given x_T."""
-
-    latent_dim = 0   # Diffusion draws no eta for it: it brings its own
+    image ("fixed") or zeros ("zero"), where Alg. 2 line 4 draws a fresh one every step. Line 4
+    still draws its eta (and this wrapper discards it), so the chain's other draws, x_T and the
+    step noise, are the ones of the fresh-eta chain. With DDIM at ddim_eta = 0 the chain is
+    deterministic given x_T."""
 
     def __init__(self, model, eta):
         super().__init__()
-        self.model, self.eta = model, eta
+        self.model, self.eta, self.latent_dim = model, eta, model.latent_dim
 
     def forward(self, x, t, eta=None):
         return self.model(x, t, self.eta)

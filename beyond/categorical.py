@@ -71,7 +71,7 @@ class CategoricalUNet(UNet):
     def __init__(self, config):
         super().__init__(config)
         K, temb_dim, bottleneck = config.components, 4 * config.ch, self.mid[0].conv1.in_channels
-        self.components = K
+        self.components, self.learns_variance = K, config.learned_var   # sample.py: then --var changes nothing
         self.head = mlp(bottleneck + temb_dim, temb_dim, K * (2 if config.learned_var else 1), depth=1)
         nn.init.zeros_(self.head[-1].weight)   # uniform pi and mid-range variances at the start
         nn.init.zeros_(self.head[-1].bias)

@@ -26,7 +26,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with defaults in --help and one-line errors (`prog: message`, exit 2)."""
 
     def __init__(self, description=None, **kw):
-        super().__init__(description=description, formatter_class=HelpFormatter, **kw)
+        super().__init__(description=description, formatter_class=HelpFormatter, allow_abbrev=False, **kw)
 
     def add_argument(self, *names, **kw):
         if names[0].startswith("-") and not kw.get("help"):

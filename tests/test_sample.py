@@ -1,5 +1,6 @@
 """sample.py on CPU: same seed same images, the outputs fid.py reads, eta-sensitivity for SMD
-checkpoints, --eta and --clip-x0, and one-line refusals of bad flags, paths and checkpoints,
+checkpoints, --eta-mode and --clip-x0, notes for flags that change nothing, the memory check,
+and one-line refusals of bad flags, paths and checkpoints,
 before any sampling."""
 
 import os
@@ -80,7 +81,7 @@ def test_clear_errors(tiny_ckpts, tmp_path, capsys):
     fails(tiny_ckpts["ddpm"], r"--steps 200: this checkpoint's chain has only T=100", "--steps", "200")
     for flags, says in [(["--n", "0"], "--n: 0 is out of range"), (["--batch-size", "0"], "--batch-size: 0"),
                         (["--steps", "1"], "--steps: 1 is out of range"), (["--ddim-eta", "-1"], "--ddim-eta: -1"),
-                        (["--eta", "frozen"], "--eta: invalid choice"),
+                        (["--eta-mode", "frozen"], "--eta-mode: invalid choice"), (["--eta", "zero"], "unrecognized arguments: --eta"),
                         (["--grid", str(tmp_path / "no" / "g.png")], "--grid .*: the folder .* does not exist"),
                         (["--npz", str(tmp_path)], "--npz .* is a folder")]:
         fails(tiny_ckpts["ddpm"], says, *flags)
@@ -109,16 +110,77 @@ def test_held_eta_makes_smd_ddim_deterministic(tiny_ckpts, tmp_path):
                 v.copy_(torch.randn(v.shape, generator=g) * 0.5)
     torch.save(ckpt, tmp_path / "smd.pt")
     model, diffusion, _ = load_checkpoint(str(tmp_path / "smd.pt"))
-    draw = lambda mode: sample.generate(model, diffusion, 4, steps=5, update=sample.step_update("ddim"), eta=mode,
-                                        progress=False)
+    draw = lambda mode: sample.generate(model, diffusion, 4, steps=5, update=sample.step_update("ddim"),
+                                        eta_mode=mode, progress=False)
     assert np.array_equal(draw("zero"), draw("zero")) and np.array_equal(draw("fixed"), draw("fixed"))
     assert not np.array_equal(draw("fresh"), draw("zero"))   # same x_T (seed 0): eta is the difference
     argv = ["--ckpt", str(tmp_path / "smd.pt"), "--sampler", "ddim", "--steps", "5", "--n", "4", "--grid",
             str(tmp_path / "g.png"), "--eta-sensitivity", "0", "--force"]
-    assert np.array_equal(sample.main([*argv, "--eta", "zero"]), draw("zero"))
-    assert np.array_equal(sample.main([*argv, "--eta", "fixed"]), draw("fixed"))
-    clipped = sample.main([*argv, "--eta", "fixed", "--clip-x0"])
+    assert np.array_equal(sample.main([*argv, "--eta-mode", "zero"]), draw("zero"))
+    assert np.array_equal(sample.main([*argv, "--eta-mode", "fixed"]), draw("fixed"))
+    clipped = sample.main([*argv, "--eta-mode", "fixed", "--clip-x0"])
     assert clipped.shape == (4, 32, 32, 3) and not np.array_equal(clipped, draw("fixed"))
+
+
+def test_an_unused_latent_gives_the_same_images_in_every_eta_mode(tiny_ckpts, tmp_path):
+    """With f_phi's last layer at zero the latent cannot matter: every --eta-mode sees the same x_T
+    and step noise, so the three sample sets (DDPM's sampler) are equal, image for image; with a
+    latent that matters they are not."""
+    ckpt = torch.load(tiny_ckpts["smd"], weights_only=True)
+    for key in ("model", "ema"):
+        for k in ("soft_mixture.f_phi.4.weight", "soft_mixture.f_phi.4.bias"):
+            ckpt[key][k].zero_()
+    torch.save(ckpt, tmp_path / "unused.pt")
+    model, diffusion, _ = load_checkpoint(str(tmp_path / "unused.pt"))
+    draw = lambda mode: sample.generate(model, diffusion, 3, steps=5, eta_mode=mode, progress=False)
+    fresh = draw("fresh")
+    assert np.array_equal(fresh, draw("zero")) and np.array_equal(fresh, draw("fixed"))
+    with torch.no_grad():
+        for p in model.soft_mixture.f_phi.parameters():
+            p.normal_(0, 0.5)
+    assert not np.array_equal(draw("fresh"), draw("zero"))
+
+
+def test_flags_that_change_nothing_say_so(tiny_ckpts, tmp_path, capsys):
+    g = ["--grid", str(tmp_path / "g.png"), "--force", "--n", "1", "--steps", "2"]
+    sample.main(["--ckpt", tiny_ckpts["ddpm"], *g, "--eta-sensitivity", "4", "--eta-mode", "zero"])
+    out = capsys.readouterr().out
+    assert "note: --eta-sensitivity has no effect: " in out and "note: --eta-mode has no effect: " in out
+    assert "eta " not in out.splitlines()[0]   # the header names no eta mode for a DDPM model
+    sample.main(["--ckpt", tiny_ckpts["smd"], *g, "--sampler", "ddim", "--var", "small"])
+    assert "note: --var has no effect: DDIM's noise is --ddim-eta's" in capsys.readouterr().out
+    sample.main(["--ckpt", tiny_ckpts["smd"], *g, "--ddim-eta", "1"])
+    assert "note: --ddim-eta has no effect" in capsys.readouterr().out
+    sample.main(["--ckpt", tiny_ckpts["categorical"], *g, "--var", "small"])   # learned variances
+    out = capsys.readouterr().out
+    assert "note: --var has no effect: the model learns sigma_t" in out and "sigma^2 learned" in out.splitlines()[0]
+    sample.main(["--ckpt", tiny_ckpts["smd"], *g])
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_an_n_beyond_memory_is_refused_before_sampling(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "batches", lambda *a, **k: pytest.fail("sampled before the memory check"))
+    err = refusal(capsys, ["--ckpt", tiny_ckpts["ddpm"], "--n", str(10**8), "--npz", str(tmp_path / "s.npz")])
+    assert re.search(r"--n 100000000: its images take 286\.1 GiB \(32x32x3 uint8 each\), this machine has [\d.]+ "
+                     r"GiB available: use --n \d+ or less per run", err), err
+
+
+def test_ctrl_c_keeps_the_images_made(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C after the first batch writes that batch to the .npz, says so, and exits 130."""
+    real = sample.batches
+
+    def two_then_ctrl_c(*a, **k):
+        for i, item in enumerate(real(*a, **k)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield item
+    monkeypatch.setattr(sample, "batches", two_then_ctrl_c)
+    npz = tmp_path / "s.npz"
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", tiny_ckpts["ddpm"], "--n", "5", "--batch-size", "2", "--steps", "2", "--npz", str(npz)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 130 and "(interrupted: 2 of 5 images)" in out and err.strip().startswith("sample.py: interrupted")
+    assert np.load(npz)["images"].shape == (2, 32, 32, 3)
 
 
 def test_sample_from_published_weights(tmp_path, monkeypatch, capsys):
@@ -192,7 +254,7 @@ def test_a_failed_grid_keeps_the_npz(tiny_ckpts, tmp_path, capsys, monkeypatch):
 def test_ctrl_c_is_one_line_and_leaves_no_file(tiny_ckpts, tmp_path, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(sample, "generate", interrupted)
+    monkeypatch.setattr(sample, "batches", interrupted)
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", tiny_ckpts["ddpm"], "--n", "2", "--npz", str(tmp_path / "s.npz")])
     err = capsys.readouterr().err
