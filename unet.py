@@ -215,6 +215,8 @@ def matched_width(target, make, step=8):
 
 
 if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     vanilla, smd = n_params(UNet()), n_params(UNet(UNetConfig(smd=True)))
     print(f"UNet (DDPM, CIFAR-10): {vanilla:,} parameters")
     print(f"UNet + SMD (latent 64): {smd:,} parameters (+{100 * (smd / vanilla - 1):.1f}%)")

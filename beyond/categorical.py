@@ -371,6 +371,7 @@ def split_if_due(model, diffusion, optimizer, step, total, draw, label="", frac=
 
 if __name__ == "__main__":
     from unet import n_params
+    cli.Parser(__doc__, prog="python -m beyond.categorical").parse_args()   # --help, and no other argument
     vanilla, cat = n_params(UNet(UNetConfig())), n_params(CategoricalUNet(CategoricalConfig(components=10)))
     print(f"UNet, categorical mixture of 10 components (beyond.train --components 10): {cat:,} parameters "
           f"(+{100 * (cat / vanilla - 1):.1f}% vs DDPM's {vanilla:,})")

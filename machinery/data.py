@@ -60,7 +60,7 @@ def download(name, cls, data_dir, where):
                            + SOURCES[name].format(data_dir=data_dir, where=where)) from None
 
 
-def load_mnist_like(name, data_dir, split="train"):
+def load_mnist_like(name, data_dir, split="train", verbose=False):
     """MNIST / Fashion-MNIST images as (N, 1, 28, 28) uint8, from data_dir/<Class>/raw/ (plain
     or .gz, as torchvision leaves them), else a system copy, else a download."""
     folder = "MNIST" if name == "mnist" else "FashionMNIST"
@@ -69,10 +69,13 @@ def load_mnist_like(name, data_dir, split="train"):
     files = [os.path.join(d, f"{prefix}-images-idx3-ubyte{gz}") for d in dirs for gz in ("", ".gz")]
     if not any(map(os.path.exists, files)):
         download(name, folder, data_dir, dirs[0])
-    return read_idx(next(f for f in files if os.path.exists(f)))[:, None]
+    path = next(f for f in files if os.path.exists(f))
+    if verbose:
+        print(f"{name}: {split} images from {path}", flush=True)
+    return read_idx(path)[:, None]
 
 
-def load_cifar10(data_dir, split="train"):
+def load_cifar10(data_dir, split="train", verbose=False):
     """CIFAR-10's 50k training (or 10k test) images as (N, 3, 32, 32) uint8 from torchvision's
     python batches."""
     folder = os.path.join(data_dir, "cifar-10-batches-py")
@@ -80,6 +83,8 @@ def load_cifar10(data_dir, split="train"):
     files = [os.path.join(folder, n) for n in names]
     if not all(map(os.path.exists, files)):
         download("cifar10", "CIFAR10", data_dir, folder)
+    if verbose:
+        print(f"cifar10: {split} images from {folder}", flush=True)
     arrays = []
     for f in files:
         with open(f, "rb") as fh:
@@ -90,7 +95,7 @@ def load_cifar10(data_dir, split="train"):
 NAMED_SIZES = (32, 16, 8)   # a named dataset's 32x32 images, or them average-pooled (2x2, 4x4)
 
 
-def load_images(name, data_dir, split="train", size=32):
+def load_images(name, data_dir, split="train", size=32, verbose=False):
     """A named dataset's split ("train" or "test") as uint8 (N, C, size, size): 28x28 images are
     zero-padded to 32x32, as the models see them; size 16 or 8 average-pools those 32x32 images
     (2x2 or 4x4 blocks), rounded back to uint8."""
@@ -99,7 +104,7 @@ def load_images(name, data_dir, split="train", size=32):
     if size not in NAMED_SIZES:
         raise ValueError(f"{name} comes at --image-size {' | '.join(map(str, NAMED_SIZES))} (32x32, average-pooled), "
                          f"not {size}")
-    x = load_cifar10(data_dir, split) if name == "cifar10" else load_mnist_like(name, data_dir, split)
+    x = load_cifar10(data_dir, split, verbose) if name == "cifar10" else load_mnist_like(name, data_dir, split, verbose)
     if x.shape[-1] == 28:
         x = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
     if size != 32:
@@ -143,11 +148,20 @@ class ImageFolder(torch.utils.data.Dataset):
     spread over the workers: less than the decoding of one training epoch.
     Grayscale images in a folder with colour ones are converted to RGB, with one printed line."""
 
-    def __init__(self, root, size, workers=0):
-        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
-                            if f.lower().endswith(IMAGE_EXTS))
+    def __init__(self, root, size, workers=0, verbose=False):
+        every = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+        self.files = [f for f in every if f.lower().endswith(IMAGE_EXTS)]
         if not self.files:
             raise ValueError(f"{root}: no images ({' '.join(IMAGE_EXTS)}) found")
+        others = {}
+        for f in every:
+            if not f.lower().endswith(IMAGE_EXTS):
+                ext = os.path.splitext(f)[1].lower() or "(none)"
+                others[ext] = others.get(ext, 0) + 1
+        if verbose or others:
+            skipped = f"; skipped {sum(others.values())} other files ({', '.join(f'{e}: {n}' for e, n in others.items())}" \
+                      f"; read: {' '.join(IMAGE_EXTS)})" if others else ""
+            print(f"{root}: {len(self.files)} images{skipped}", flush=True)
         self.size = size
         modes = self.readable_modes(root, workers)
         gray = sum(m in GRAY_MODES for m in modes)
@@ -229,14 +243,15 @@ def folder_batches(dataset, plan, flip, workers, device):
 
 
 def make_batches(dataset, data_dir, batch_size, image_size=None, flip=True, workers=4, seed=0, step=0,
-                 rank=0, world=1, device="cpu"):
+                 rank=0, world=1, device="cpu", verbose=False):
     """(iterator of float batches in [-1, 1] on the device, channels, image size). batch_size is
-    the global batch, split over `world` ranks; the batches continue the run at `step`."""
+    the global batch, split over `world` ranks; the batches continue the run at `step`. verbose:
+    say where the images come from and how many there are."""
     device = torch.device(device)
     check_batch_size(batch_size, world)
     plan = lambda n, dev: batch_plan(n, batch_size // world, rank, world, seed, step, dev)
     if dataset in DATASETS:
-        images = load_images(dataset, data_dir, size=image_size or 32)
+        images = load_images(dataset, data_dir, size=image_size or 32, verbose=verbose)
         check_batch_size(batch_size, world, len(images))
         images = torch.from_numpy(images).to(device)
         uint8 = memory_batches(images, plan(len(images), device), flip)
@@ -244,7 +259,7 @@ def make_batches(dataset, data_dir, batch_size, image_size=None, flip=True, work
     elif os.path.isdir(dataset):
         if image_size is not None and image_size < 1:
             raise ValueError(f"--image-size {image_size}: use a positive number of pixels (default 64)")
-        folder = ImageFolder(dataset, image_size or 64, workers)
+        folder = ImageFolder(dataset, image_size or 64, workers, verbose)
         check_batch_size(batch_size, world, len(folder))
         uint8 = folder_batches(folder, plan(len(folder), "cpu"), flip, workers, device)
         channels, size = folder.channels, folder.size

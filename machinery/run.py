@@ -90,7 +90,7 @@ class Run:
             data, channels, size = make_batches(args.dataset, args.data_dir, args.batch_size,
                                                 cfg.image_size if cfg else args.image_size, args.flip,
                                                 min(4, os.cpu_count() or 1), args.seed, self.start, self.rank,
-                                                self.world, self.device)
+                                                self.world, self.device, verbose=self.master)
             if cfg and cfg.channels != channels:
                 raise ValueError(f"--resume: the data has {channels} channels, the checkpoint's model takes "
                                  f"{cfg.channels}")

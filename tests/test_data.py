@@ -72,6 +72,23 @@ def test_gray_folder_stays_one_channel(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_a_folder_says_how_many_images_it_read_and_what_it_skipped(tmp_path, capsys):
+    write_images(tmp_path / "imgs", 3, ext="png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "x.gif")
+    (tmp_path / "imgs" / "notes.txt").write_text("")
+    batches(tmp_path / "imgs", batch_size=2)
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'imgs'}: 3 images; skipped 2 other files (.gif: 1, .txt: 1; read: .bmp" in out, out
+    write_images(tmp_path / "clean", 3)
+    batches(tmp_path / "clean", batch_size=2, verbose=True)
+    assert capsys.readouterr().out == f"{tmp_path / 'clean'}: 3 images\n"
+
+
+def test_named_dataset_says_where_it_was_read(cifar_dir, capsys):
+    data.make_batches("cifar10", cifar_dir, 8, None, verbose=True)
+    assert f"cifar10: train images from {cifar_dir}/cifar-10-batches-py" in capsys.readouterr().out
+
+
 def test_folder_batches_shape_dtype_range(tmp_path):
     write_images(tmp_path / "imgs", 3, ext="png")
     write_images(tmp_path / "imgs", 3, ext="jpg", start=3)

