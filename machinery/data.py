@@ -159,9 +159,9 @@ class ImageFolder(torch.utils.data.Dataset):
                 ext = os.path.splitext(f)[1].lower() or "(none)"
                 others[ext] = others.get(ext, 0) + 1
         if verbose or others:
-            skipped = f"; skipped {sum(others.values())} other files ({', '.join(f'{e}: {n}' for e, n in others.items())}" \
-                      f"; read: {' '.join(IMAGE_EXTS)})" if others else ""
-            print(f"{root}: {len(self.files)} images{skipped}", flush=True)
+            kinds = ", ".join(f"{e}: {n}" for e, n in sorted(others.items()))
+            skipped = f"; skipped {sum(others.values())} other files ({kinds}; read: {' '.join(IMAGE_EXTS)})"
+            print(f"{root}: {len(self.files)} images{skipped if others else ''}", flush=True)
         self.size = size
         modes = self.readable_modes(root, workers)
         gray = sum(m in GRAY_MODES for m in modes)
