@@ -310,7 +310,7 @@ def experiment(args, specs):
     print(table(rows))
     print(f"total {time.time() - t0:.0f}s")
     if args.json:
-        result = dict(config=vars(args), std="population std over seeds (ddof = 0)", models=infos, rows=rows,
+        result = dict(config=data.portable(args), std="population std over seeds (ddof = 0)", models=infos, rows=rows,
                       seconds=time.time() - t0)
         data.save_json(result, args.json)
         print(f"wrote {args.json}")

@@ -264,7 +264,7 @@ def main(argv=None):
     print(table(rows))
     print(f"total {time.time() - t0:.0f}s")
     if args.json:
-        result = dict(config=vars(args), models=info, rows=rows, seconds=time.time() - t0)
+        result = dict(config=data.portable(args), models=info, rows=rows, seconds=time.time() - t0)
         data.save_json(result, args.json)
     if args.png:   # last: a bad path costs no results
         figure(rows, samples, args.png)

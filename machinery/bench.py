@@ -277,7 +277,7 @@ def main(argv=None):
     def save():   # after every task: a run stopped early keeps what it measured
         if args.json:
             data.save_json(dict(device=name, torch=torch.__version__, threads=threads, bf16_peak=peak,
-                                config=dataclasses.asdict(config), args=vars(args), rows=rows,
+                                config=dataclasses.asdict(config), args=data.portable(args), rows=rows,
                                 fid_img_s=fid_img_s), args.json)
 
     # time training (eager, and compiled if asked), then sampling (eager, or compiled and, on a GPU,

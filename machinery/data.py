@@ -314,6 +314,20 @@ def atomic_write(path, write):
         raise
 
 
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def portable(config):
+    """A run's settings for a JSON that travels: an absolute path becomes relative to the
+    repository if it lies inside it, else its file name; no machine's folders are written."""
+    def fix(v):
+        if not (isinstance(v, str) and os.path.isabs(v)):
+            return v
+        inside = os.path.commonpath([REPOSITORY, os.path.abspath(v)]) == REPOSITORY
+        return os.path.relpath(v, REPOSITORY) if inside else os.path.basename(v)
+    return {k: fix(v) for k, v in (vars(config) if hasattr(config, "__dict__") else config).items()}
+
+
 def save_json(obj, path):
     """obj as indented JSON, written atomically."""
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
