@@ -4,7 +4,7 @@ toy.py -- the 7x7 Gaussian-mixture experiment of Soft Mixture Denoising (Li et a
 
 On a Gaussian mixture everything is known in closed form: the density q(x_t), the best
 Gaussian denoiser eps* = E[eps | x_t] (what a perfectly trained vanilla DDPM computes, the
-bottleneck of Theorem 3.1) and the true posterior q(x_{t-1} | x_t), again a Gaussian mixture
+bottleneck of Sec. 3.1) and the true posterior q(x_{t-1} | x_t), again a Gaussian mixture
 (Proposition 3.1, Eq. 29), which sampled step by step is what Theorem 4.1 says SMD can reach.
 We train a vanilla and an SMD MLP denoiser (Algorithm 1 of smd.py) with the same number of
 parameters, sample them (Algorithm 2) at several step counts, and score them and both references
@@ -148,7 +148,8 @@ def train(model, diffusion, args):
 def run(args, seed, specs):
     """Train every model from the global seed `seed` (their widths differ, so their initial
     weights and batches are not the same draws), then sample and score them and both references
-    at every step count, each from the same generator: the same x_T and noise for every model."""
+    at every step count, each from a generator seeded alike: the same x_T for every model, and
+    for SMD with eta held at 0 the same step noise as with a fresh eta."""
     steps_list = args.steps
     models, info = {}, {}
     for name, spec in specs.items():

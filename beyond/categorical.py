@@ -157,7 +157,7 @@ class CategoricalDiffusion(Diffusion):
         return (log_pi.exp().view(*log_pi.shape, *[1] * (x0_k.dim() - 2)) * x0_k).sum(1)
 
     def step_terms(self, t):
-        """At timesteps t: abar_t, beta_t, c0 (x_0's coefficient in the posterior mean, Eq. 7),
+        """At timesteps t: abar_t, beta_t, c0 (x_0's coefficient in the posterior mean, DDPM's Eq. 7),
         beta_tilde_t and sigma_t^2 = beta_tilde_t clipped at t = 0 to its t = 1 value."""
         abar, beta = self.alphas_cumprod[t], self.betas[t]
         c0, _, bt = posterior(abar, abar / (1 - beta))

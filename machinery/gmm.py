@@ -1,7 +1,7 @@
 """
 machinery/gmm.py -- a mixture of equal-weight isotropic Gaussians, and everything the diffusion process
 does to it in closed form: the density q(x_t), the best Gaussian denoiser eps* = E[eps | x_t]
-(what a perfectly trained vanilla DDPM computes: the bottleneck of Theorem 3.1) and the true
+(what a perfectly trained vanilla DDPM computes: the bottleneck of Sec. 3.1) and the true
 posterior q(x_{t-1} | x_t), again a Gaussian mixture (Proposition 3.1, Eq. 29), which sampled
 step by step is exact mixture denoising (what Theorem 4.1 says SMD can reach). toy.py (the
 7x7 grid in 2-D) and templates.py (template images in 256-D) score models against these.

@@ -1,5 +1,5 @@
 """The README and docs/ as the door: line links that land on what they name, assets that a doc
-shows (and docs that show only assets that exist), and the length limits of DESIGN.md."""
+shows (and docs that show only assets that exist), and the README's and the reports' lengths."""
 
 import os
 import re
