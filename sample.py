@@ -202,7 +202,7 @@ def ignored(args, explicit, info, model):
                       ("eta_sensitivity", args.eta_sensitivity and not info["smd"] and not_smd),
                       ("var", "var" in explicit and args.sampler == "ddim" and "DDIM's noise is --ddim-eta's"),
                       ("var", "var" in explicit and args.sampler == "ddpm" and learned and "the model learns sigma_t"),
-                      ("ddim_eta", "ddim_eta" in explicit and args.sampler == "ddpm" and "it is DDIM's (--sampler ddim)")]:
+                      ("ddim_eta", "ddim_eta" in explicit and args.sampler == "ddpm" and "use --sampler ddim")]:
         if why:
             print(f"note: --{flag.replace('_', '-')} has no effect: {why}", flush=True)
 

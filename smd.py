@@ -190,8 +190,8 @@ class Diffusion(nn.Module):
                 continue
             alpha = abar / abar_prev                                              # the (respaced) step's alpha_t
             sigma2 = 1 - alpha if var == "large" else posterior(abar, abar_prev)[2]   # sigma_t^2 = beta_t or beta~_t
-            mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)   # line 7: the mean...
-            x = mean + math.sqrt(sigma2) * eps if abar_prev < 1 else mean        # ... + sigma_t eps (line 3: eps = 0 at t = 1)
+            mean = (x - (1 - alpha) / math.sqrt(1 - abar) * eps_hat) / math.sqrt(alpha)   # line 7
+            x = mean + math.sqrt(sigma2) * eps if abar_prev < 1 else mean    # line 7's sigma_t eps; eps = 0 at t = 1
         return x.clamp(-1, 1)                                                     # line 9: return x_0
 
     def timesteps(self, steps=None):

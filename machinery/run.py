@@ -200,7 +200,7 @@ class Run:
         try:
             save_checkpoint(self.pending, self.path)
         except OSError as e:
-            need = 4 * sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**20   # model, EMA, Adam x2
+            need = 4 * sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**20   # model, EMA, Adam
             kept = f"the checkpoint of step {self.saved} is intact" if self.saved else "no checkpoint is on disk yet"
             then = "training goes on and the next save tries again" if training_goes_on else \
                 f"trying again every {RETRY_S} s"
