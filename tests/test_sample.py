@@ -101,7 +101,7 @@ def test_paths_are_checked_before_sampling(tiny_ckpts, tmp_path, capsys, monkeyp
 
 def test_held_eta_makes_smd_ddim_deterministic(tiny_ckpts, tmp_path):
     """An SMD model whose latent matters: DDIM at --ddim-eta 0 differs between two seeds' etas
-    only through eta; with --eta zero (or fixed) the same x_T gives bit-identical images."""
+    only through eta; with --eta-mode zero (or fixed) the same x_T gives bit-identical images."""
     ckpt = torch.load(tiny_ckpts["smd"], weights_only=True)
     g = torch.Generator().manual_seed(0)
     for key in ("model", "ema"):   # a latent that changes the output
