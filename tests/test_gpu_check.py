@@ -49,9 +49,9 @@ def table_rows(md):
 
 def test_the_tiny_rehearsal_runs_every_part(tmp_path, fashion_dir):
     out = tmp_path / "out"
-    # as on a lent GPU, no FID weights: fid.py's value is skipped (and 6 s of a 2-vCPU machine saved)
+    # as on a GPU machine without the FID weights: fid.py's value is skipped (and 6 s of a 2-vCPU machine saved)
     gpu_check.main(["--out", str(out), "--tiny", "--data-dir", fashion_dir, "--fid-weights", "none"])
-    assert sorted(os.listdir(out)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]   # <= 8 files back
+    assert sorted(os.listdir(out)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["device"] == "CPU" and report["torch"] == torch.__version__ and report["tiny"]
     parts = {p["part"]: p for p in report["parts"]}
