@@ -16,6 +16,10 @@ GroupNorm has gcd(--norm-groups, channels) groups, 4 by default (DDPM's 32 gave 
 torch's global RNG, seeded alike for every model. At T = 2 vanilla's and SMD's samples are
 noise (Algorithm 1 weighs the first step by abar / (1 - abar) = 4e-5). --components 1 is the
 one-Gaussian control.
+Two more SMD designs (docs/authors-smd.md): `smd-random`, ours with f_phi's last layer at PyTorch's
+default init instead of zero (eta moves its modulations from step 0), and `authors`, the authors' g_xi
+and f_phi around the same U-Net (beyond/authors.py); --eta-curve N measures every SMD model's
+eta-sensitivity at step 0, 1 and N more steps along training (its JSON's `eta_curve`).
 
 Data: 28x28 padded to 32x32 (data.py), average-pooled to 16x16, rounded to uint8; models see
 x / 127.5 - 1. Scores, each on --n samples per model (the same N for all; the "data" row is N
@@ -28,7 +32,8 @@ training images, the floor at this N, since FID from 2,048 samples is biased hig
   confident  share of samples the CNN gives max softmax >= 0.9 (clean garments, not blends);
              coverage: classes holding >= 1/4 of their 1/10 of the confident samples; TV: the
              confident samples' class histogram's total variation from uniform (1 if none).
-  eta-sens   smd.eta_sensitivity on 64 test images (SMD only; 0 = the latent is unused).
+  eta-sens   smd.eta_sensitivity on the first 64 test images (SMD only; 0 = the latent is unused),
+             with the same eps and etas (one generator seed) at every point of --eta-curve.
 
 Budget on the project's 2-vCPU machine (one thread, torch 2.14.1, two runs side by side): 1200
 training steps at batch 64 take 10-22 min, the 10k test images' Inception statistics 40-66 min
@@ -38,6 +43,7 @@ min from its first step to its FID, the default run about 4-7 hours.
     python -m beyond.fashion                                      # the default run (4-7 h, 1 core)
     python -m beyond.fashion --T 2 --max-steps 600 --n 512 --fid-ref-n 1024 --out-dir out/fashion_T2   # ~1 h
     python -m beyond.fashion --T 2 --max-steps 20 --n 64 --no-fid --classifier-steps 100   # minutes
+    python -m beyond.fashion --T 5 --models smd,smd-random,authors --eta-curve 10 --no-fid --n 512   # 25-40 min
 
 Flags, paths, data and the Inception are checked before training. Outputs in --out-dir: the
 JSON (numbers, config, timings, the figure's samples; rewritten after every model, so an
@@ -60,12 +66,16 @@ from PIL import Image
 import fid
 import smd
 from machinery import cli, data, inception
+from machinery.loop import train_loop as small_loop
+from beyond.authors import AuthorsConfig, AuthorsUNet
 from beyond.categorical import CategoricalConfig, CategoricalUNet, add_flags, make_diffusion, train_loop
 from beyond.classifier import class_metrics, classify, load_split, to_model, train_classifier
 from unet import UNet, UNetConfig, matched_width, n_params
 
 PROG = "python -m beyond.fashion"
 ETA_IMAGES = 64
+SMD_RANDOM = "SMD rand-init"   # SMD with f_phi's last layer at PyTorch's default init (random_f_phi)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 
 # -----------------------------------------------------------------------------
 # the data: uint8 (N, 1, size, size) and labels
@@ -117,20 +127,36 @@ def scores(x, clf, clf_ref, net, fid_ref, cache=None):
 # the denoisers, with parameter counts matched by the U-Net's width
 
 
-def config(args, ch, **kw):
+def config(args, ch, authors=False, **kw):
     fields = dict(image_size=args.image_size, channels=1, ch=ch, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(),
                   dropout=0.0, norm_groups=args.norm_groups, **kw)
+    if authors:
+        return AuthorsConfig(**fields)
     return CategoricalConfig(**fields) if kw.get("components") else UNetConfig(**fields)
 
 
 def build(cfg):
+    if isinstance(cfg, AuthorsConfig):
+        return AuthorsUNet(cfg)
     return CategoricalUNet(cfg) if isinstance(cfg, CategoricalConfig) else UNet(cfg)
 
 
+def random_f_phi(model, seed):
+    """The smd-random control: f_phi's last layer re-initialised by PyTorch's default Linear init
+    (from its own seed: the global RNG, and so training's t and noise, stay SMD's), so eta moves the
+    modulations from step 0 where the zero init starts SMD as the vanilla model (DDPM's zero convs
+    after them pass that on to eps_hat from step 2)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.soft_mixture.f_phi[-1].reset_parameters()
+    return model
+
+
 def model_specs(args):
-    """name -> (config, objective): vanilla at --ch; SMD and categorical at the even width
-    whose count is closest to vanilla's (unless --no-match-params); if SMD is then larger,
-    vanilla at the even width closest to SMD's count too (when that is not --ch)."""
+    """name -> (config, objective): vanilla at --ch; SMD (and SMD rand-init, the same config), the
+    authors' model and categorical at the even width whose count is closest to vanilla's (unless
+    --no-match-params); if SMD is then larger, vanilla at the even width closest to SMD's count
+    too (when that is not --ch)."""
     target = n_params(UNet(config(args, args.ch)))
     match = lambda **kw: matched_width(target, lambda w: build(config(args, w, **kw)), 2) \
         if args.match_params else args.ch
@@ -138,13 +164,19 @@ def model_specs(args):
     tag = "" if obj == "eps" else f" ({obj})"
     if "vanilla" in args.models:
         specs["vanilla" + tag] = (config(args, args.ch), obj)
-    if "smd" in args.models:
+    if "smd" in args.models or "smd-random" in args.models:
         kw = dict(smd=True, latent_dim=args.latent_dim)
-        specs["SMD" + tag] = (config(args, match(**kw), **kw), obj)
-        size = n_params(UNet(specs["SMD" + tag][0]))
+        cfg = config(args, match(**kw), **kw)
+        size = n_params(UNet(cfg))
         w = matched_width(size, lambda w: UNet(config(args, w)), 2)
-        if size > target and w != args.ch:
-            specs[f"vanilla ch={w}{tag}"] = (config(args, w), obj)   # SMD's size
+        if "smd" in args.models:
+            specs["SMD" + tag] = (cfg, obj)
+            if size > target and w != args.ch:
+                specs[f"vanilla ch={w}{tag}"] = (config(args, w), obj)   # SMD's size
+        if "smd-random" in args.models:
+            specs[SMD_RANDOM + tag] = (cfg, obj)
+    if "authors" in args.models:
+        specs["authors" + tag] = (config(args, match(authors=True), authors=True), obj)
     if "categorical" in args.models:
         kw = dict(components=args.components, learned_var=not args.fixed_var)
         specs[f"categorical K={args.components}"] = (config(args, match(**kw), **kw), "v")
@@ -162,23 +194,46 @@ def sample(model, diffusion, n, size, var, generator, batch=512):
 # one chain length: train, sample, score every model
 
 
+def eta_points(max_steps, n):
+    """--eta-curve's steps: 0, 1 and n more, spaced quadratically (denser early) up to max_steps."""
+    return sorted({0, 1} | {round(max_steps * (k / n) ** 2) for k in range(1, n + 1)}) if n else []
+
+
+def train_with_curve(model, diffusion, draw, args, label, measure):
+    """train_loop (categorical.py) for an eps model, with measure() called before the steps of
+    eta_points (after that many updates) and after the last: the same loop, batches and updates
+    (measure draws from its own generator). Returns (loss, ms per step, [(step, measure()), ...])."""
+    points, curve = set(eta_points(args.max_steps, args.eta_curve)), []
+    hook = lambda step, optimizer: curve.append((step, measure())) if step in points else None
+    batches = torch.Generator().manual_seed(args.seed)
+    loss, ms = small_loop(model, diffusion, lambda: draw(args.batch_size, batches), args.max_steps, args.lr,
+                          warmup=args.max_steps // 20, before_step=hook, label=f"{label}: ")
+    return loss, ms, curve + [(args.max_steps, measure())]
+
+
 def run_T(T, args, specs, ctx, rows, info, samples):
     gen = lambda s: torch.Generator().manual_seed(args.seed * 100003 + 1000 * T + s)
-    train_x = ctx["x_train"]
+    train_x, x_eta = ctx["x_train"], to_model(ctx["x_test"][:ETA_IMAGES])
     draw = lambda n, g: to_model(train_x[torch.randint(len(train_x), (n,), generator=g)])   # n training images
     for name, (cfg, objective) in specs.items():
         diffusion = make_diffusion(cfg, T, objective, args)
         torch.manual_seed(args.seed)
         model, t0 = build(cfg), time.time()
-        loss, ms = train_loop(model, diffusion, draw, args, f"T={T} {name}")
+        if name.startswith(SMD_RANDOM):
+            random_f_phi(model, args.seed + 1)
+        measure = lambda: smd.eta_sensitivity(model, diffusion, x_eta, n_t=min(10, T), generator=gen(2))[0]
+        curve = None
+        if args.eta_curve and model.latent_dim:
+            loss, ms, curve = train_with_curve(model, diffusion, draw, args, f"T={T} {name}", measure)
+        else:
+            loss, ms = train_loop(model, diffusion, draw, args, f"T={T} {name}")
         model.eval()
         train_s, t1 = time.time() - t0, time.time()
         x = sample(model, diffusion, args.n, args.image_size, args.var, gen(1))
         sample_s = time.time() - t1
-        eta = smd.eta_sensitivity(model, diffusion, to_model(ctx["x_test"][:ETA_IMAGES]), n_t=min(10, T),
-                                  generator=gen(2))[0] if model.latent_dim else None
+        eta = (curve[-1][1] if curve else measure()) if model.latent_dim else None
         m = dict(params=n_params(model), ch=cfg.ch, loss=loss, ms_per_step=ms, train_s=train_s, sample_s=sample_s,
-                 eta_sens=eta)
+                 eta_sens=eta, eta_curve=curve)
         row = dict(model=name, T=T, params=m["params"], eta_sens=eta, train_s=train_s, **ctx["score"](x))
         rows.append(row)
         info[f"{name} T={T}"] = m
@@ -259,8 +314,9 @@ def merge_runs(paths):
 def get_parser():
     p = cli.Parser(__doc__, prog=PROG)
     p.add_argument("--T", type=cli.positive_ints, default=[2, 5, 10], help="training chain lengths (each >= 2)")
-    p.add_argument("--models", type=cli.choices_list(["vanilla", "smd", "categorical"]),
-                   default=["vanilla", "smd", "categorical"], help="which denoisers to train")
+    p.add_argument("--models", type=cli.choices_list(["vanilla", "smd", "smd-random", "authors", "categorical"]),
+                   default=["vanilla", "smd", "categorical"],
+                   help="which denoisers to train (smd-random: f_phi's last layer random; authors: beyond/authors.py)")
     p.add_argument("--image-size", type=int, choices=[16, 32], default=16, help="16: 2x2 average-pooled; 32: padded")
     p.add_argument("--ch", type=cli.int_at_least(4, "U-Net width"), default=32,
                    help="vanilla's U-Net width; the others are matched to its parameter count")
@@ -273,6 +329,9 @@ def get_parser():
                    help="K of the categorical model (1: one Gaussian trained by its exact likelihood)")
     add_flags(p)
     p.add_argument("--max-steps", type=cli.positive_int, default=1200, help="training steps per model")
+    p.add_argument("--eta-curve", type=cli.nonneg_int, default=0, metavar="N",
+                   help="SMD models: eta-sensitivity at steps 0, 1 and N more along training (eta_points; "
+                        "0: at the end only)")
     p.add_argument("--batch-size", type=cli.positive_int, default=64)
     p.add_argument("--lr", type=cli.positive_float, default=2e-3)
     p.add_argument("--objective", default="eps", choices=["eps", "v"],
@@ -325,6 +384,20 @@ def check_args(args):
             cli.output_file(PROG, path, flag, args.force, (ext,))
 
 
+def portable(config):
+    """The flags for the JSON, without absolute paths: a path inside the repository relative to
+    it, one outside it by its file name only."""
+    def rel(path):
+        if not path:
+            return path
+        full = os.path.abspath(path)
+        return os.path.relpath(full, ROOT) if full.startswith(ROOT + os.sep) else os.path.basename(full)
+    paths = ("data_dir", "out_dir", "json", "png", "fid_weights")
+    out = {k: rel(v) if k in paths else v for k, v in config.items()}
+    out["figure_from"] = [rel(p) for p in config.get("figure_from") or []] or None
+    return out
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     check_args(args)
@@ -367,7 +440,7 @@ def main(argv=None):
 
     def save():   # after every model, atomically: an interrupted run keeps what it finished
         if args.json:
-            data.save_json(dict(config=vars(args), classifier=classifier, models=info, rows=rows,
+            data.save_json(dict(config=portable(vars(args)), classifier=classifier, models=info, rows=rows,
                                 seconds=time.time() - t0, torch=torch.__version__, threads=torch.get_num_threads(),
                                 cpus=os.cpu_count(), samples=[[name, T, x.numpy().tobytes().hex()]
                                                               for (name, T), x in samples.items()]), args.json)
