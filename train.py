@@ -5,7 +5,7 @@ one GPU or many.
     python train.py --dataset cifar10 --smd                  # SMD on CIFAR-10 (downloads to ./data)
     python train.py --dataset cifar10                        # the DDPM baseline
     python train.py --dataset fashion-mnist --image-size 16 --ch 16 --num-res-blocks 1 --attn-res "" --dropout 0 \\
-        --norm-groups 4 --batch-size 64 --lr 2e-3 --warmup 50 --max-steps 1200 --out-dir out/quick   # CPU: minutes
+        --norm-groups 4 --batch-size 64 --lr 2e-3 --warmup 50 --max-steps 2000 --smd --out-dir out/quick   # CPU: 3 min
     python train.py --dataset path/to/celeba --image-size 64 --smd   # any folder of images
     torchrun --standalone --nproc_per_node=8 train.py --dataset cifar10 --smd   # 8 GPUs, same global batch
     python train.py --resume --out-dir out                   # continue out/ckpt.pt where it stopped

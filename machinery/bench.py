@@ -16,6 +16,7 @@ measured. Every flag is checked before a model is built (a bad one: one line, ex
     python -m machinery.bench --config tiny        # a tiny U-Net (the default on CPU; under a minute)
     python -m machinery.bench --config cifar10 --tasks train,sample   # the CIFAR-10 model on CPU (batch 8; minutes)
     python -m machinery.bench --tasks fid --fid-weights random   # FID speed alone, the network with random weights
+    python -m machinery.bench --config quickstart --tasks train --batch-size 64 --threads 1   # CPU threads
 """
 
 import argparse
@@ -34,7 +35,9 @@ from machinery import cli, data, inception
 from unet import UNet, UNetConfig
 
 PROG = "python -m machinery.bench"
-CONFIGS = {"cifar10": UNetConfig(), "tiny": UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)}
+CONFIGS = {"cifar10": UNetConfig(), "tiny": UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),   # the tests' U-Net
+           "quickstart": UNetConfig(image_size=16, channels=1, ch=16, num_res_blocks=1, attn_res=(), dropout=0.0,
+                                    norm_groups=4)}   # the README's quick start (train at --batch-size 64)
 # the flags whose default depends on the device: (CUDA, CPU)
 DEVICE_DEFAULTS = dict(batch_size=(128, 8), sample_batch_size=(500, 16), warmup_iters=(10, 1),
                        repeats=(5, 2), iters=(10, 2), fid_images=(2000, 4))

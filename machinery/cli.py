@@ -17,6 +17,7 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -218,7 +219,8 @@ def one_line_interrupt(prog):
 
 def add_machine_flags(p, gpu=True):
     """--threads, and with gpu --device, --compile and --amp: the same flags in every script."""
-    p.add_argument("--threads", type=nonneg_int, default=0, help="CPU threads (0: 1 on <= 4 cores, else torch's)")
+    p.add_argument("--threads", type=nonneg_int, default=0,
+                   help="CPU threads (0: one per core that other processes leave idle, at least 1)")
     if gpu:
         p.add_argument("--device", type=device, help="cpu, cuda, cuda:N (default: cuda if available)")
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on with CUDA)")
@@ -226,15 +228,33 @@ def add_machine_flags(p, gpu=True):
                        help="bf16 autocast of the network (default: on with CUDA)")
 
 
+def busy_cores(seconds=0.25):
+    """How many cores other processes keep busy now: the non-idle share of /proc/stat's CPU time
+    over `seconds`, times the cores (Linux; elsewhere the 1-minute load average)."""
+    def idle_total():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)   # idle + iowait, all
+    try:
+        (i0, t0), _, (i1, t1) = idle_total(), time.sleep(seconds), idle_total()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+
+
 def set_threads(n):
-    """torch's intra-op threads on CPU. n = 0: torch's default, except on machines with <= 4
-    cores, where one thread was 7x faster than the default in a measured tiny training run
-    (2 vCPUs: 300 vs 2,100 ms/step). Returns the count in use."""
-    if n == 0 and (os.cpu_count() or 1) <= 4:
-        n = 1
-    if n > 0:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
+    """torch's intra-op threads on CPU; n = 0: one per core that other processes leave idle (shared
+    among this machine's torchrun ranks), at most torch's default, at least 1. Measured on a
+    2-vCPU machine (docs/performance.md): idle, two threads beat one (the quick start's training
+    step 62 against 109 ms, the tests' tiny U-Net 76 against 127 ms); with another process busy
+    on one core, two threads lose (225 against 114 ms, 380 against 145 ms). Returns the count."""
+    if n == 0:
+        n = torch.get_num_threads()   # one per core, or OMP_NUM_THREADS
+        if n > 1:
+            free = (os.cpu_count() or 1) - round(busy_cores())
+            n = max(1, min(n, free // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    torch.set_num_threads(n)
+    return n
 
 
 def setup_distributed(device_arg=None):

@@ -1,16 +1,19 @@
-"""Every script's --help shows the default of every option (cli.Parser), and cli's output checks
-refuse by trying to write, not by os.access."""
+"""Every script's --help shows the default of every option (cli.Parser), cli's output checks
+refuse by trying to write, not by os.access, and --threads 0 takes the cores left idle."""
 
 import importlib
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 
 from machinery import cli
 
 # each script's module and how its --help is asked for
-SCRIPTS = ["train", "sample", "fid", "toy", "machinery.bench", "machinery.gpu_check", "beyond.train", "beyond.toy", "beyond.templates",
-           "beyond.fashion", "beyond.classifier"]
+SCRIPTS = ["train", "sample", "fid", "toy", "machinery.bench", "machinery.gpu_check", "beyond.train", "beyond.toy",
+           "beyond.templates", "beyond.fashion", "beyond.classifier"]
 
 
 def help_text(name, capsys):
@@ -51,3 +54,27 @@ def test_output_file_tries_to_write(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.output_dir("x.py", "/proc/run", "--out-dir")
     assert "cannot write in /proc" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("busy, cores, ranks, want", [(0.1, 2, 1, 2), (1.2, 2, 1, 1), (2.0, 2, 1, 1), (0.0, 8, 2, 4),
+                                                       (5.4, 8, 1, 3)])
+def test_threads_are_the_cores_left_idle(busy, cores, ranks, want, monkeypatch):
+    """--threads 0: torch's one thread per core, less the cores other processes keep busy, shared
+    among a machine's torchrun ranks (the rule measured in docs/performance.md); --threads N: N."""
+    chosen = []
+    monkeypatch.setattr(cli, "busy_cores", lambda: busy)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(cli.torch, "get_num_threads", lambda: cores)
+    monkeypatch.setattr(cli.torch, "set_num_threads", chosen.append)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    assert cli.set_threads(0) == want and cli.set_threads(3) == 3 and chosen == [want, 3]
+
+
+def test_busy_cores_sees_a_busy_process():
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert cli.busy_cores(0.5) >= 0.6
+    finally:
+        p.kill()
+        p.wait()
