@@ -10,7 +10,7 @@ We train a vanilla and an SMD MLP denoiser (Algorithm 1 of smd.py) with the same
 parameters, sample them (Algorithm 2) at several step counts, and score them and both references
 against the true mixture. Every flag and output path is checked before training.
 
-    python toy.py                          # T=1000, respaced to 1000/100/20/10/5 steps (4-7 min, 1 core)
+    python toy.py                          # T=1000, respaced to 1000/100/20/10/5 steps (about 6 min, 1 core)
     python toy.py --T 10 --steps 10,5      # train a 10-step chain directly
     python toy.py --seeds 3 --json out.json --png out.png
 """
