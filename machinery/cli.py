@@ -243,16 +243,19 @@ def busy_cores(seconds=0.25):
 
 
 def set_threads(n):
-    """torch's intra-op threads on CPU; n = 0: one per core that other processes leave idle (shared
-    among this machine's torchrun ranks), at most torch's default, at least 1. Measured on a
+    """torch's intra-op threads on CPU; n = 0: one per core that other processes leave idle, at most
+    torch's default, at least 1 (under torchrun, whose ranks start together and would count each
+    other as busy: the cores shared among this machine's ranks, unmeasured). Measured on a
     2-vCPU machine (docs/performance.md): idle, two threads beat one (the quick start's training
     step 62 against 109 ms, the tests' tiny U-Net 76 against 127 ms); with another process busy
     on one core, two threads lose (225 against 114 ms, 380 against 145 ms). Returns the count."""
     if n == 0:
         n = torch.get_num_threads()   # one per core, or OMP_NUM_THREADS
-        if n > 1:
-            free = (os.cpu_count() or 1) - round(busy_cores())
-            n = max(1, min(n, free // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if ranks > 1:
+            n = max(1, n // ranks)
+        elif n > 1:
+            n = max(1, min(n, (os.cpu_count() or 1) - round(busy_cores())))
     torch.set_num_threads(n)
     return n
 

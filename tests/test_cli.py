@@ -56,11 +56,12 @@ def test_output_file_tries_to_write(tmp_path, capsys):
     assert "cannot write in /proc" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("busy, cores, ranks, want", [(0.1, 2, 1, 2), (1.2, 2, 1, 1), (2.0, 2, 1, 1), (0.0, 8, 2, 4),
+@pytest.mark.parametrize("busy, cores, ranks, want", [(0.1, 2, 1, 2), (1.2, 2, 1, 1), (2.0, 2, 1, 1), (6.0, 8, 2, 4),
                                                        (5.4, 8, 1, 3)])
 def test_threads_are_the_cores_left_idle(busy, cores, ranks, want, monkeypatch):
-    """--threads 0: torch's one thread per core, less the cores other processes keep busy, shared
-    among a machine's torchrun ranks (the rule measured in docs/performance.md); --threads N: N."""
+    """--threads 0: torch's one thread per core, less the cores other processes keep busy (the rule
+    measured in docs/performance.md); under torchrun the cores shared among a machine's ranks,
+    whatever is busy (the ranks themselves); --threads N: N."""
     chosen = []
     monkeypatch.setattr(cli, "busy_cores", lambda: busy)
     monkeypatch.setattr(cli.os, "cpu_count", lambda: cores)
