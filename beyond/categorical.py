@@ -342,20 +342,25 @@ def make_diffusion(cfg, T, objective, args):
     return Diffusion(T, objective=objective)
 
 
-def train_loop(model, diffusion, draw, args, label=""):
+def train_loop(model, diffusion, draw, args, label="", before_step=None):
     """templates' and fashion's training, the same for every model: machinery.loop (Algorithm 1,
     grad clip 1, AdamW, a 5% linear warm-up, cosine decay) on args.batch_size examples
     draw(n, generator) a step from a generator seeded args.seed (the same batches for every
     model); a categorical model's responsibilities annealed (`temperature`, args.anneal) and,
-    with args.split, its blends split (`split_if_due`, on examples from a second generator).
-    Returns (mean loss of the last 10% of steps, ms per step)."""
+    with args.split, its blends split (`split_if_due`, on examples from a second generator);
+    before_step(step, optimizer), if given, first. Returns (mean loss of the last 10% of steps,
+    ms per step)."""
     batches, splits = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
     tau = lambda step: {"tau": temperature(step, args.max_steps, args.anneal)}
     anneal = isinstance(diffusion, CategoricalDiffusion)
-    split = lambda step, opt: split_if_due(model, diffusion, opt, step, args.max_steps, lambda n: draw(n, splits),
-                                           f"{label}: ")
+
+    def hooks(step, opt):
+        if before_step:
+            before_step(step, opt)
+        if args.split:
+            split_if_due(model, diffusion, opt, step, args.max_steps, lambda n: draw(n, splits), f"{label}: ")
     return small_loop(model, diffusion, lambda: draw(args.batch_size, batches), args.max_steps, args.lr,
-                      warmup=args.max_steps // 20, before_step=split if args.split else None, label=f"{label}: ",
+                      warmup=args.max_steps // 20, before_step=hooks, label=f"{label}: ",
                       loss_args=tau if anneal else lambda step: {})
 
 

@@ -66,7 +66,6 @@ from PIL import Image
 import fid
 import smd
 from machinery import cli, data, inception
-from machinery.loop import train_loop as small_loop
 from beyond.authors import AuthorsConfig, AuthorsUNet
 from beyond.categorical import CategoricalConfig, CategoricalUNet, add_flags, make_diffusion, train_loop
 from beyond.classifier import class_metrics, classify, load_split, to_model, train_classifier
@@ -75,7 +74,6 @@ from unet import UNet, UNetConfig, matched_width, n_params
 PROG = "python -m beyond.fashion"
 ETA_IMAGES = 64
 SMD_RANDOM = "SMD rand-init"   # SMD with f_phi's last layer at PyTorch's default init (random_f_phi)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 
 # -----------------------------------------------------------------------------
 # the data: uint8 (N, 1, size, size) and labels
@@ -200,14 +198,12 @@ def eta_points(max_steps, n):
 
 
 def train_with_curve(model, diffusion, draw, args, label, measure):
-    """train_loop (categorical.py) for an eps model, with measure() called before the steps of
-    eta_points (after that many updates) and after the last: the same loop, batches and updates
-    (measure draws from its own generator). Returns (loss, ms per step, [(step, measure()), ...])."""
+    """train_loop (categorical.py) with measure() called before the steps of eta_points (after that
+    many updates) and after the last: the same batches and updates (measure draws from its own
+    generator). Returns (loss, ms per step, [(step, measure()), ...])."""
     points, curve = set(eta_points(args.max_steps, args.eta_curve)), []
     hook = lambda step, optimizer: curve.append((step, measure())) if step in points else None
-    batches = torch.Generator().manual_seed(args.seed)
-    loss, ms = small_loop(model, diffusion, lambda: draw(args.batch_size, batches), args.max_steps, args.lr,
-                          warmup=args.max_steps // 20, before_step=hook, label=f"{label}: ")
+    loss, ms = train_loop(model, diffusion, draw, args, label, before_step=hook)
     return loss, ms, curve + [(args.max_steps, measure())]
 
 
@@ -384,20 +380,6 @@ def check_args(args):
             cli.output_file(PROG, path, flag, args.force, (ext,))
 
 
-def portable(config):
-    """The flags for the JSON, without absolute paths: a path inside the repository relative to
-    it, one outside it by its file name only."""
-    def rel(path):
-        if not path:
-            return path
-        full = os.path.abspath(path)
-        return os.path.relpath(full, ROOT) if full.startswith(ROOT + os.sep) else os.path.basename(full)
-    paths = ("data_dir", "out_dir", "json", "png", "fid_weights")
-    out = {k: rel(v) if k in paths else v for k, v in config.items()}
-    out["figure_from"] = [rel(p) for p in config.get("figure_from") or []] or None
-    return out
-
-
 def main(argv=None):
     args = get_parser().parse_args(argv)
     check_args(args)
@@ -440,7 +422,7 @@ def main(argv=None):
 
     def save():   # after every model, atomically: an interrupted run keeps what it finished
         if args.json:
-            data.save_json(dict(config=portable(vars(args)), classifier=classifier, models=info, rows=rows,
+            data.save_json(dict(config=data.portable(args), classifier=classifier, models=info, rows=rows,
                                 seconds=time.time() - t0, torch=torch.__version__, threads=torch.get_num_threads(),
                                 cpus=os.cpu_count(), samples=[[name, T, x.numpy().tobytes().hex()]
                                                               for (name, T), x in samples.items()]), args.json)

@@ -318,9 +318,12 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def portable(config):
-    """A run's settings for a JSON that travels: an absolute path becomes relative to the
-    repository if it lies inside it, else its file name; no machine's folders are written."""
+    """A run's settings for a JSON that travels: an absolute path (alone or in a list) becomes
+    relative to the repository if it lies inside it, else its file name; no machine's folders
+    are written."""
     def fix(v):
+        if isinstance(v, list):
+            return [fix(x) for x in v]
         if not (isinstance(v, str) and os.path.isabs(v)):
             return v
         inside = os.path.commonpath([REPOSITORY, os.path.abspath(v)]) == REPOSITORY

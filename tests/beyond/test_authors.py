@@ -98,8 +98,10 @@ def test_fashion_json_holds_no_absolute_path():
     args = fashion.get_parser().parse_args(["--out-dir", os.path.join(ROOT, "out", "x"), "--fid-weights",
                                             "/usr/lib/weights/default_1.pt", "--data-dir", "/usr/share/datasets"])
     args.json, args.png = os.path.join(ROOT, "out", "x", "r.json"), "/tmp/f.png"
-    got = fashion.portable(vars(args))
+    args.figure_from = [os.path.join(ROOT, "assets", "a.json"), "/tmp/b.json", "c.json"]
+    got = fashion.data.portable(args)
     assert (got["out_dir"], got["json"], got["png"]) == ("out/x", "out/x/r.json", "f.png")
+    assert got["figure_from"] == ["assets/a.json", "b.json", "c.json"]
     assert got["fid_weights"] == "default_1.pt" and not any(str(v).startswith("/") for v in got.values())
 
 
