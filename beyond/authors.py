@@ -74,6 +74,12 @@ class AuthorsConfig(UNetConfig):
                              f" each must be at least 1")
 
 
+def default_init_output(ch, out_channels, groups):
+    """GroupNorm-SiLU-conv with the conv at PyTorch's default init (their final_conv), where
+    unet.UNet starts it at zero (DDPM's choice)."""
+    return nn.Sequential(norm(ch, groups), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
+
+
 class Identifier(UNet):
     """g_xi: a U-Net from cat(x_t, eta) (2C channels) and t to z_t (latent_ch channels per pixel),
     its output conv at PyTorch's default init (their identifier's final_conv)."""
@@ -83,8 +89,7 @@ class Identifier(UNet):
         super().__init__(config)
 
     def output_layer(self, ch):
-        conv = nn.Conv2d(ch, self.out_channels, 3, padding=1)
-        return nn.Sequential(norm(ch, self.config.norm_groups), nn.SiLU(), conv)
+        return default_init_output(ch, self.out_channels, self.config.norm_groups)
 
 
 class HyperNet(nn.Module):
@@ -123,8 +128,7 @@ class AuthorsUNet(UNet):
         self.f_out = HyperNet(self.out[0].num_channels, c.latent_ch, c.hypernet_layers)
 
     def output_layer(self, ch):
-        """GroupNorm-SiLU-conv at PyTorch's default init (their final_conv), not at zero."""
-        return nn.Sequential(norm(ch, self.config.norm_groups), nn.SiLU(), nn.Conv2d(ch, self.channels, 3, padding=1))
+        return default_init_output(ch, self.channels, self.config.norm_groups)
 
     def forward(self, x, t, eta=None):
         if eta is None:
